@@ -1,0 +1,1 @@
+"""The `havoc` command-line entry point."""
