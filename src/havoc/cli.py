@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -11,6 +12,83 @@ def _convert(args: argparse.Namespace) -> None:
 
     convert = havoc_to_hf if args.direction == "havoc-to-hf" else hf_to_havoc
     print(f"wrote {convert(args.src, args.dst)}")
+
+
+def _corpus(args: argparse.Namespace):
+    from havoc_core.tokenizer import Corpus, stdlib_corpus
+
+    if args.inputs:
+        return Corpus(args.inputs, include=args.include, text_field=args.text_field)
+    print("no INPUT given: using the embedded corpus (the Python standard library's source)", file=sys.stderr)
+    return Corpus(stdlib_corpus())
+
+
+def _report_skipped(corpus) -> None:
+    if corpus.skipped:
+        print(f"skipped {len(corpus.skipped)} files that are not UTF-8 text, e.g. {corpus.skipped[0]}", file=sys.stderr)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from havoc_core.atomic import atomic_directory
+    from havoc_core.tokenizer import HavocTokenizer
+    from havoc_core.tokenizer.corpus import in_val_split
+
+    corpus = _corpus(args)
+    docs = list(corpus)
+    train = [d.text for d in docs if not in_val_split(d.source, args.val_fraction)]
+    held_out = [d.text for d in docs if in_val_split(d.source, args.val_fraction)]
+    megabytes = sum(len(t.encode("utf-8")) for t in train) / 1e6
+    start = time.perf_counter()
+    tokenizer = HavocTokenizer.train(train, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                     show_progress=True)
+    seconds = time.perf_counter() - start
+    with atomic_directory(args.out) as tmp:
+        tokenizer.save(tmp)
+    _report_skipped(corpus)
+    print(f"trained a {tokenizer.vocab_size}-token tokenizer on {megabytes:.1f} MB in {seconds:.1f}s "
+          f"({megabytes / seconds:.1f} MB/s); wrote {args.out}")
+    if held_out:
+        print(f"compression on {len(held_out)} held-out documents: {tokenizer.bytes_per_token(held_out):.2f} bytes/token")
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> None:
+    from havoc_core.tokenizer import HavocTokenizer
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    print(" ".join(map(str, HavocTokenizer.load(args.tokenizer).encode(text, allow_special=args.allow_special))))
+
+
+def _tokenizer_decode(args: argparse.Namespace) -> None:
+    from havoc_core.tokenizer import HavocTokenizer
+
+    print(HavocTokenizer.load(args.tokenizer).decode(args.ids, skip_special_tokens=args.skip_special_tokens))
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from havoc_core.tokenizer import HavocTokenizer
+    from havoc_training.data import prepare
+
+    tokenizer = HavocTokenizer.load(args.tokenizer)
+    corpus = _corpus(args)
+    start = time.perf_counter()
+    manifest = prepare(corpus, tokenizer, args.out, val_fraction=args.val_fraction, show_progress=True)
+    seconds = time.perf_counter() - start
+    _report_skipped(corpus)
+    splits = manifest["splits"]
+    megabytes = sum(s["bytes"] for s in splits.values()) / 1e6
+    for name, s in splits.items():
+        print(f"{name}: {s['documents']} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    print(f"prepared {megabytes:.1f} MB in {seconds:.1f}s ({megabytes / seconds:.1f} MB/s); wrote {args.out}")
+
+
+def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="files, folders or .jsonl files (default: the embedded standard-library corpus)")
+    parser.add_argument("--include", nargs="+", default=["*"], metavar="GLOB",
+                        help="file-name patterns to take from folders (default: all)")
+    parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
+    parser.add_argument("--val-fraction", type=float, default=0.05,
+                        help="share of documents held out for validation, chosen by a hash of their source")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +100,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="checkpoint directory to read")
     convert.add_argument("dst", help="new directory to write (must not exist or be empty)")
     convert.set_defaults(func=_convert)
+
+    tokenizer = commands.add_parser("tokenizer", help="train and try the byte-level BPE tokenizer")
+    tok_commands = tokenizer.add_subparsers(dest="action", required=True)
+    train = tok_commands.add_parser("train", help="train a tokenizer (compression is measured on held-out documents)")
+    _add_corpus_arguments(train)
+    train.add_argument("--vocab-size", type=int, default=70000)
+    train.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learnt")
+    train.add_argument("--out", required=True, help="new directory for tokenizer.json and tokenizer_config.json")
+    train.set_defaults(func=_tokenizer_train)
+    encode = tok_commands.add_parser("encode", help="print the token ids of TEXT")
+    encode.add_argument("text", metavar="TEXT", help="the text, or - to read standard input")
+    encode.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    encode.add_argument("--allow-special", action="store_true", help="read <|...|> text as special tokens")
+    encode.set_defaults(func=_tokenizer_encode)
+    decode = tok_commands.add_parser("decode", help="print the text of token ids")
+    decode.add_argument("ids", nargs="+", type=int, metavar="ID")
+    decode.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    decode.add_argument("--skip-special-tokens", action="store_true")
+    decode.set_defaults(func=_tokenizer_decode)
+
+    data = commands.add_parser("data", help="prepare token datasets for training")
+    data_commands = data.add_subparsers(dest="action", required=True)
+    prepare = data_commands.add_parser("prepare", help="tokenize a corpus into uint32 shards with a manifest")
+    _add_corpus_arguments(prepare)
+    prepare.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    prepare.add_argument("--out", required=True, help="new directory for the dataset")
+    prepare.set_defaults(func=_data_prepare)
     return parser
 
 
@@ -29,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        # Expected user errors: one clear line, no traceback.
+    except (ValueError, TypeError, OSError) as e:
+        # Expected user errors (bad values, missing or unreadable files): one clear line, no traceback.
         print(f"havoc {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from havoc_core.atomic import atomic_directory
 from havoc_core.config import AttentionConfig, HavocConfig, MLPConfig
 from havoc_core.model.transformer import CONFIG_NAME, SAFETENSORS_NAME, load_weights
 
@@ -143,11 +142,10 @@ def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     hf_state = {theirs: state[ours].contiguous() for ours, theirs in names.items()}
     dtype = next(iter(hf_state.values())).dtype
 
-    def write(directory: Path) -> None:
-        save_file(hf_state, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
-
-    return _write_directory(Path(dst), write)
+    with atomic_directory(dst) as out:
+        save_file(hf_state, out / SAFETENSORS_NAME, metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
+    return Path(dst)
 
 
 def hf_to_havoc(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -171,11 +169,10 @@ def hf_to_havoc(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     _check_names(state, set(names.values()), weights_source, optional=optional)
     ours = {havoc: state[hf_name].contiguous() for havoc, hf_name in names.items()}
 
-    def write(directory: Path) -> None:
-        save_file(ours, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
-        config.save(directory / CONFIG_NAME)
-
-    return _write_directory(Path(dst), write)
+    with atomic_directory(dst) as out:
+        save_file(ours, out / SAFETENSORS_NAME, metadata={"format": "pt"})
+        config.save(out / CONFIG_NAME)
+    return Path(dst)
 
 
 def _load_hf_weights(src: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -208,21 +205,3 @@ def _check_names(state: dict, expected: set[str], source: Path, optional: set[st
             f"{source}: tensors do not match the config: missing {missing[:8] or 'none'}, "
             f"unexpected {unexpected[:8] or 'none'} (biases or other extra tensors cannot be converted)"
         )
-
-
-def _write_directory(dst: Path, write) -> Path:
-    """Run `write` into a temporary sibling of `dst`, then rename it into place: never half a checkpoint."""
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty; choose a new output directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
-        write(tmp)
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst

@@ -1,0 +1,249 @@
+"""Token datasets: `prepare` turns a corpus into uint32 shards with a manifest; `TokenLoader` streams them.
+
+A dataset directory holds `train-00000.bin`, `val-00000.bin`, ... (raw little-endian uint32 ids:
+a 70000-token vocabulary does not fit uint16) and `manifest.json`, written last. The directory is
+built under a temporary name and renamed when complete, so an interrupted run never leaves a
+dataset that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from havoc_core.atomic import atomic_directory
+from havoc_core.tokenizer import Corpus, HavocTokenizer
+from havoc_core.tokenizer.corpus import in_val_split
+
+MANIFEST = "manifest.json"
+FORMAT = "havoc-tokens-v1"
+SPLITS = ("train", "val")
+SHARD_TOKENS = 1 << 26  # 64M tokens, 256 MB per shard file
+_BATCH_BYTES = 4 << 20  # documents are tokenized in groups of about this many bytes
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, split: str, shard_tokens: int):
+        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.documents = self.tokens = self.bytes = 0
+
+    def write(self, ids: np.ndarray, text_bytes: int) -> None:
+        self.documents += 1
+        self.bytes += text_bytes
+        self.tokens += len(ids)
+        while len(ids):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            chunk, ids = ids[:room], ids[room:]
+            self.file.write(chunk.tobytes())
+            self.shards[-1]["tokens"] += len(chunk)
+
+    def _next_shard(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def summary(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+
+
+def prepare(
+    corpus: Corpus,
+    tokenizer: HavocTokenizer,
+    out: str | os.PathLike,
+    val_fraction: float = 0.05,
+    shard_tokens: int = SHARD_TOKENS,
+    show_progress: bool = False,
+) -> dict:
+    """Tokenize every document of `corpus` as <|bos|> ids <|eos|> into a new dataset at `out`.
+
+    Documents go to the validation split by a hash of their source (see `in_val_split`).
+    Tokenization runs in parallel threads inside `tokenizers`. Returns the manifest.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = corpus.files()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    with atomic_directory(out) as tmp:
+        writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in SPLITS}
+        progress = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                        desc="tokenizing", disable=not show_progress)
+        pending, pending_bytes = [], 0
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending])):
+                text_bytes = len(doc.text.encode("utf-8"))
+                split = "val" if in_val_split(doc.source, val_fraction) else "train"
+                writers[split].write(np.array([bos, *ids, eos], dtype=np.uint32), text_bytes)
+                progress.update(text_bytes)
+            pending, pending_bytes = [], 0
+
+        try:
+            for doc in corpus:
+                pending.append(doc)
+                pending_bytes += len(doc.text)
+                if pending_bytes >= _BATCH_BYTES:
+                    flush()
+            flush()
+        finally:
+            progress.close()
+            for writer in writers.values():
+                writer.close()
+        splits = {split: writer.summary() for split, writer in writers.items()}
+        if splits["train"]["tokens"] == 0:
+            raise ValueError("no document reached the training split: the corpus is empty")
+        if val_fraction > 0 and splits["val"]["tokens"] == 0:
+            raise ValueError(
+                f"no document fell into the validation split ({splits['train']['documents']} documents, "
+                f"val_fraction {val_fraction}); raise --val-fraction or add documents"
+            )
+        manifest = {
+            "format": FORMAT,
+            "dtype": "uint32",
+            "tokenizer_sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "val_fraction": val_fraction,
+            "sources": [str(p) for p in corpus.paths],
+            "skipped_files": corpus.skipped,
+            "splits": splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks completion
+    return manifest
+
+
+def load_manifest(data_dir: str | os.PathLike, tokenizer: HavocTokenizer | None = None) -> dict:
+    """The manifest of a prepared dataset, checked for completeness and, if given, the tokenizer."""
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a finished dataset (run `havoc data prepare`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest")
+    if tokenizer is not None and manifest["tokenizer_sha256"] != tokenizer.sha256:
+        raise ValueError(
+            f"{data_dir} was prepared with another tokenizer (sha256 {manifest['tokenizer_sha256'][:12]}..., "
+            f"this one is {tokenizer.sha256[:12]}...); prepare the data again with this tokenizer"
+        )
+    return manifest
+
+
+class TokenLoader:
+    """Batches of fixed windows from a prepared split, for next-token training.
+
+    Each window is `seq_len + 1` consecutive tokens (inputs are the first seq_len, targets the
+    last seq_len); windows start every seq_len tokens within a shard, and documents are packed
+    across window boundaries. Each epoch visits the windows in an order drawn from `seed` (or in
+    file order with shuffle=False); rank r of `world_size` takes every world_size-th window of that
+    order, so ranks never overlap and together see what one process would. `state_dict()` records
+    the exact position, so a resumed run sees exactly the tokens an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        seq_len: int,
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        tokenizer: HavocTokenizer | None = None,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.manifest = load_manifest(data_dir, tokenizer)
+        self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.shards = [self._open(Path(data_dir), shard) for shard in self.manifest["splits"][split]["shards"]]
+        windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self._first_window = np.cumsum([0, *windows])
+        self.windows_per_rank = int(self._first_window[-1]) // world_size
+        self.batches_per_epoch = self.windows_per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            tokens = self.manifest["splits"][split]["tokens"]
+            raise ValueError(
+                f"the {split} split has {tokens} tokens: too few for one batch of {batch_size} x "
+                f"{seq_len + 1} tokens on each of {world_size} ranks; use more data or smaller batches"
+            )
+        self.epoch, self.position = 0, 0  # position: batches of this epoch already served
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    @staticmethod
+    def _open(data_dir: Path, shard: dict) -> np.ndarray:
+        path = data_dir / shard["file"]
+        expected = shard["tokens"] * 4
+        if not path.exists() or path.stat().st_size != expected:
+            size = path.stat().st_size if path.exists() else "missing"
+            raise ValueError(f"shard {path} is {size} bytes, the manifest says {expected}: prepare the dataset again")
+        return np.memmap(path, dtype=np.uint32, mode="r")
+
+    def _rank_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            total = int(self._first_window[-1])
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(total)
+            else:
+                order = np.arange(total)
+            self._order = order[: self.windows_per_rank * self.world_size][self.rank :: self.world_size]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each a [batch_size, seq_len] int64 tensor; epochs roll over by themselves."""
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        windows = self._rank_order()[start : start + self.batch_size]
+        shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
+        batch = np.stack([
+            self.shards[s][(w - self._first_window[s]) * self.seq_len :][: self.seq_len + 1]
+            for w, s in zip(windows, shard_of)
+        ]).astype(np.int64)
+        self.position += 1
+        tokens = torch.from_numpy(batch)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"loader state is for another data order ({details})")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _identity(self) -> dict:
+        return {
+            "split": self.split, "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
+            "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
+            "tokenizer_sha256": self.manifest["tokenizer_sha256"],
+        }
