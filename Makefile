@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: tokenizer, data, ~5 minutes of training on this CPU, loss plot and samples.
 demo: $(STAMP)
-	$(PY) test_smoke.py
+	rm -rf runs/quickstart
+	$(VENV)/bin/havoc quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q

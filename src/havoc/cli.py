@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+from havoc_training.config import add_override_flags
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -81,6 +84,27 @@ def _data_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {megabytes:.1f} MB in {seconds:.1f}s ({megabytes / seconds:.1f} MB/s); wrote {args.out}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from havoc_training.config import load_config, overrides_from
+    from havoc_training.trainer import Trainer
+
+    summary = Trainer(load_config(args.config, overrides_from(args)), resume=args.resume).train()
+    if summary and int(os.environ.get("RANK", "0")) == 0:
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from havoc_training.checkpoint import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from havoc_training.quickstart import quickstart
+
+    quickstart(args.out, args.max_steps)
+
+
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="files, folders or .jsonl files (default: the embedded standard-library corpus)")
@@ -120,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--skip-special-tokens", action="store_true")
     decode.set_defaults(func=_tokenizer_decode)
 
+    train = commands.add_parser("train", help="pretrain a model (one process, or many under torchrun)")
+    train.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
+    add_override_flags(train)
+    train.set_defaults(func=_train)
+
+    export = commands.add_parser("export", help="write a training checkpoint as a save_pretrained folder")
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/havoc/checkpoints/step-001000")
+    export.add_argument("out", help="new folder (config.json, model.safetensors and the tokenizer)")
+    export.set_defaults(func=_export)
+
+    quick = commands.add_parser("quickstart", help="tokenizer, data, a few minutes of training and samples")
+    quick.add_argument("--out", default="runs/quickstart", help="new folder for everything it makes")
+    quick.add_argument("--max-steps", type=int, default=250)
+    quick.set_defaults(func=_quickstart)
+
     data = commands.add_parser("data", help="prepare token datasets for training")
     data_commands = data.add_subparsers(dest="action", required=True)
     prepare = data_commands.add_parser("prepare", help="tokenize a corpus into uint32 shards with a manifest")
@@ -134,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError) as e:
-        # Expected user errors (bad values, missing or unreadable files): one clear line, no traceback.
+    except (ValueError, TypeError, OSError, ArithmeticError) as e:
+        # Expected errors (bad values, missing or unreadable files, a diverged run): one clear line, no traceback.
         print(f"havoc {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -176,6 +176,18 @@ class HavocTokenizer:
     def vocab_size(self) -> int:
         return self._plain.get_vocab_size(with_added_tokens=True)
 
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each id stands for (0 for special tokens), for bits-per-byte.
+
+        Byte-level BPE writes each byte as one symbol, so a token's length in symbols is its length in bytes.
+        """
+        vocab = self._plain.get_vocab(with_added_tokens=False)
+        lengths = [0] * self.vocab_size
+        for token, token_id in vocab.items():
+            if token_id >= len(SPECIAL_TOKENS):
+                lengths[token_id] = len(token)
+        return lengths
+
     def token_id(self, token: str) -> int:
         token_id = self._plain.token_to_id(token)
         if token_id is None:

@@ -1,0 +1,123 @@
+"""TrainConfig: every setting of a training run; loaded from TOML or YAML, any key overridable by flag.
+
+One name per concept: the key `max_steps` is the flag `--max-steps` and the attribute `max_steps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from havoc_core.config import HavocConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a `havoc data prepare` folder
+    tokenizer: str = ""  # the tokenizer folder the data was prepared with
+    out: str = "runs/havoc"  # checkpoints, metrics, TensorBoard events, loss plot
+    model: str = "small"  # a HavocConfig preset; vocab_size always comes from the tokenizer
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # HavocConfig fields, e.g. {"num_layers": 4}
+    init_from: str = ""  # start from these weights (a save_pretrained folder) instead of random ones
+    seq_len: int = 256
+    global_batch_tokens: int = 8192  # per optimizer step, all ranks together
+    micro_batch: int = 8  # sequences per forward/backward on each rank
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only (see optimizer groups in the trainer)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    parallel: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2, fully_shard per block)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_batches",
+                     "save_every", "keep_last", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            problems.append("need lr > 0, 0 <= min_lr <= lr and warmup_steps >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            problems.append(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.data or not self.tokenizer:
+            problems.append("data and tokenizer are required (folders from `havoc data prepare` / `havoc tokenizer train`)")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def model_config(self, vocab_size: int) -> HavocConfig:
+        base = HavocConfig.preset(self.model).to_dict()
+        unknown = sorted(set(self.model_overrides) - set(base))
+        if unknown:
+            raise ValueError(f"unknown model_overrides keys: {', '.join(unknown)}")
+        merged = {**base, **self.model_overrides, "vocab_size": vocab_size}
+        merged["max_seq_len"] = max(merged["max_seq_len"], self.seq_len)
+        return HavocConfig.from_dict(merged)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_pass = self.seq_len * self.micro_batch * world_size
+        if self.global_batch_tokens % per_pass:
+            raise ValueError(
+                f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of seq_len x micro_batch x "
+                f"processes = {self.seq_len} x {self.micro_batch} x {world_size} = {per_pass}"
+            )
+        return self.global_batch_tokens // per_pass
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a .toml/.yaml file (or none) plus overrides; unknown keys are errors."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training config {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"training config {path} cannot be parsed: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"training config {path} must be a table of keys")
+    data.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return TrainConfig(**data)
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig key (default: not set, so the file's value stands)."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+        if str(f.type) == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif kind is not None:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None)
+        else:  # dict-valued keys take JSON
+            parser.add_argument(flag, dest=f.name, type=json.loads, default=None, metavar="JSON")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}

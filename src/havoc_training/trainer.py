@@ -1,0 +1,232 @@
+"""Trainer: pretraining a HavocModel on a prepared dataset, on one CPU/GPU or many through torchrun.
+
+Parallelism, activation checkpointing, compile and precision are applied here, from outside the
+model (torchtitan's order: checkpointing, compile, then DDP or FSDP2 per block).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from havoc_core.model import HavocModel
+from havoc_core.tokenizer import HavocTokenizer
+from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from havoc_training.config import TrainConfig
+from havoc_training.data import TokenLoader
+from havoc_training.metrics import MetricsLog
+
+# Dense bf16 peak of known cards, for MFU.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps (step counts from 1)."""
+    if step <= config.warmup_steps:
+        return config.lr * step / max(config.warmup_steps, 1)
+    progress = (step - config.warmup_steps) / max(config.max_steps - config.warmup_steps, 1)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (projections, embedding) only, never on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = config
+        self.rank, self.world_size = _init_distributed()
+        self.device = _device(config.device, self.rank)
+        self.out = Path(config.out)
+        self.tokenizer = HavocTokenizer.load(config.tokenizer)
+        self.accumulation = config.accumulation_steps(self.world_size)
+        self.loader = TokenLoader(config.data, config.seq_len, config.micro_batch, seed=config.seed,
+                                  rank=self.rank, world_size=self.world_size, tokenizer=self.tokenizer)
+        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        torch.manual_seed(config.seed)
+        if config.init_from:
+            model = HavocModel.load_pretrained(config.init_from, device=self.device)
+            if model.config.vocab_size != self.tokenizer.vocab_size:
+                raise ValueError(f"{config.init_from} has vocab_size {model.config.vocab_size}, the tokenizer "
+                                 f"{self.tokenizer.vocab_size}: they do not belong together")
+            self.model_config = model.config
+            model.train()
+        else:
+            with torch.device(self.device):
+                model = HavocModel(self.model_config)
+        self.raw_model = model
+        self.model = self._parallelize(model)
+        self.optimizer = build_optimizer(self.model, config, fused=self.device.type == "cuda")
+        self.step = 0
+        self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths(), device=self.device, dtype=torch.float64)
+        if resume:
+            self._resume()
+        self.metrics = MetricsLog(self.out, enabled=self.rank == 0, keep_until_step=self.step)
+
+    # Set-up.
+    def _parallelize(self, model: HavocModel) -> torch.nn.Module:
+        config = self.config
+        for block in model.layers:
+            if config.activation_checkpointing:
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            if config.compile:
+                block.compile()
+        if self.world_size == 1:
+            return model
+        if config.parallel == "ddp":
+            return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # the root holds the (tied) embedding and final norm
+        return model
+
+    def _resume(self) -> None:
+        found = checkpoints(self.out / "checkpoints")
+        if not found:
+            self._print(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            return
+        state = load_checkpoint(found[-1], self.model, self.optimizer, self.loader, self.model_config)
+        self.step = state["step"]
+        self._print(f"resumed from {found[-1]} at step {self.step}")
+
+    # The loop.
+    def train(self) -> dict:
+        config = self.config
+        tokens_per_step = config.global_batch_tokens
+        flops_per_token = 6 * self.raw_model.num_parameters() + 12 * self.model_config.num_layers * \
+            self.model_config.d_model * config.seq_len
+        peak = _peak_flops(self.device)
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=self.rank != 0, desc="training", unit="step")
+        last_log, window_start, first_loss, summary = self.step, time.perf_counter(), None, {}
+        start = time.perf_counter()
+        while self.step < config.max_steps:
+            self.step += 1
+            lr = lr_at(self.step, config)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self._train_step()
+            first_loss = loss if first_loss is None else first_loss
+            if not math.isfinite(loss):
+                found = checkpoints(self.out / "checkpoints")
+                kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+                raise TrainingDiverged(f"loss is {loss} at step {self.step}: training stopped; {kept}. "
+                                       "Lower lr or raise warmup_steps, then resume.")
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = tokens_per_step * (self.step - last_log) / elapsed
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                if peak:
+                    record["mfu"] = tokens_per_s * flops_per_token / (peak * self.world_size)
+                self.metrics.log(record)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
+                last_log, window_start = self.step, time.perf_counter()
+            if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                summary = self.evaluate()
+                self.metrics.log({"step": self.step, **summary})
+            if self.step % config.save_every == 0 or self.step == config.max_steps:
+                save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.loader,
+                                self.model_config, config.keep_last, {"tokenizer": str(Path(config.tokenizer).resolve())})
+                self.metrics.plot()
+            bar.update(1)
+        bar.close()
+        result = {"first_loss": first_loss, "last_loss": loss if config.max_steps > 0 else None, **summary,
+                  "steps": self.step, "seconds": time.perf_counter() - start,
+                  "checkpoint": str(checkpoints(self.out / "checkpoints")[-1])}
+        self.metrics.close()
+        return result
+
+    def _train_step(self) -> float:
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            # DDP: only the last micro-batch all-reduces gradients.
+            sync = micro == self.accumulation - 1 or not isinstance(self.model, DistributedDataParallel)
+            context = self.model.no_sync() if not sync else nullcontext()
+            with context, self._autocast():
+                logits = self.model(inputs).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / self.accumulation
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        return total.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss and bits-per-byte on the first eval_batches batches of the validation split."""
+        self.model.eval()
+        val = TokenLoader(self.config.data, self.config.seq_len, self.config.micro_batch, split="val",
+                          rank=self.rank, world_size=self.world_size, shuffle=False)
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
+        for _ in range(min(self.config.eval_batches, val.batches_per_epoch)):
+            inputs, targets = (t.to(self.device) for t in val.next_batch())
+            with self._autocast():
+                logits = self.model(inputs).logits
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            sums += torch.stack([nats.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64),
+                                 self.token_bytes[targets].sum()])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        self.model.train()
+        nats, tokens, n_bytes = sums.tolist()
+        return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+
+    def _autocast(self):
+        # bf16 autocast with fp32 master weights on GPU; plain fp32 on CPU.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def _print(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+def _init_distributed() -> tuple[int, int]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def _device(name: str, rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_FLOPS.items() if key in name), None)
