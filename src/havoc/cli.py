@@ -88,7 +88,8 @@ def _train(args: argparse.Namespace) -> None:
     from havoc_training.config import load_config, overrides_from
     from havoc_training.trainer import Trainer
 
-    summary = Trainer(load_config(args.config, overrides_from(args)), resume=args.resume).train()
+    config = load_config(args.config, overrides_from(args))
+    summary = Trainer(config, resume=args.resume, chat=args.command == "finetune").train()
     if summary and int(os.environ.get("RANK", "0")) == 0:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
 
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
     add_override_flags(train)
     train.set_defaults(func=_train)
+
+    finetune = commands.add_parser("finetune", help="supervised fine-tuning on chat JSONL (optionally LoRA)")
+    finetune.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
+    finetune.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
+    add_override_flags(finetune)
+    finetune.set_defaults(func=_train)
 
     export = commands.add_parser("export", help="write a training checkpoint as a save_pretrained folder")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/havoc/checkpoints/step-001000")

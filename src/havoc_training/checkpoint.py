@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from havoc_core.atomic import atomic_directory
 from havoc_core.config import HavocConfig
 from havoc_core.tokenizer.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from havoc_training.lora import apply_lora, merge_lora
 
 STATE_FILE = "trainer_state.json"
 # One process without a process group is a normal way to run, not something to warn about.
@@ -113,12 +114,16 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
-    config = HavocConfig.from_dict(json.loads((path / STATE_FILE).read_text())["model_config"])
-    model = HavocModel(config)
+    state = json.loads((path / STATE_FILE).read_text())
+    model = HavocModel(HavocConfig.from_dict(state["model_config"]))
+    if "lora" in state:
+        apply_lora(model, state["lora"]["rank"], state["lora"]["alpha"], state["lora"]["targets"])
     target = {"model": model.state_dict()}
     dcp.load(target, checkpoint_id=str(path))  # reshards: any number of writers, one reader
     model.load_state_dict(target["model"])
-    tokenizer = Path(json.loads((path / STATE_FILE).read_text()).get("tokenizer", ""))
+    if "lora" in state:
+        merge_lora(model)  # the export is a plain model with the adapters folded in
+    tokenizer = Path(state.get("tokenizer", ""))
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):  # a served model needs its tokenizer beside it

@@ -20,12 +20,12 @@ from havoc_core.config import HavocConfig
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # a `havoc data prepare` folder
+    data: str = ""  # train: a `havoc data prepare` folder; finetune: a chat .jsonl file
     tokenizer: str = ""  # the tokenizer folder the data was prepared with
     out: str = "runs/havoc"  # checkpoints, metrics, TensorBoard events, loss plot
     model: str = "small"  # a HavocConfig preset; vocab_size always comes from the tokenizer
     model_overrides: dict[str, Any] = field(default_factory=dict)  # HavocConfig fields, e.g. {"num_layers": 4}
-    init_from: str = ""  # start from these weights (a save_pretrained folder) instead of random ones
+    init_from: str = ""  # start from these weights (a HAVOC or HF Llama folder) instead of random ones
     seq_len: int = 256
     global_batch_tokens: int = 8192  # per optimizer step, all ranks together
     micro_batch: int = 8  # sequences per forward/backward on each rank
@@ -47,6 +47,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
+    val_fraction: float = 0.05  # finetune: share of conversations held out (train: fixed by `data prepare`)
+    lora_rank: int = 0  # finetune: 0 trains every weight; >= 1 trains LoRA adapters only
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
     def __post_init__(self) -> None:
         problems = []

@@ -146,86 +146,44 @@ def load_manifest(data_dir: str | os.PathLike, tokenizer: HavocTokenizer | None 
     return manifest
 
 
-class TokenLoader:
-    """Batches of fixed windows from a prepared split, for next-token training.
-
-    Each window is `seq_len + 1` consecutive tokens (inputs are the first seq_len, targets the
-    last seq_len); windows start every seq_len tokens within a shard, and documents are packed
-    across window boundaries. Each epoch visits the windows in an order drawn from `seed` (or in
-    file order with shuffle=False); rank r of `world_size` takes every world_size-th window of that
-    order, so ranks never overlap and together see what one process would. `state_dict()` records
-    the exact position, so a resumed run sees exactly the tokens an uninterrupted one would.
+class EpochBatches:
+    """Serves batches of items in a seeded order per epoch; rank r of world_size takes every
+    world_size-th item of that order, so ranks never overlap and together see what one process would.
+    `state_dict()` records the exact position. Subclasses set `num_items` and build `_batch(indices)`.
     """
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        seq_len: int,
-        batch_size: int,
-        split: str = "train",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-        tokenizer: HavocTokenizer | None = None,
-    ):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    def _setup_order(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.manifest = load_manifest(data_dir, tokenizer)
-        self.seq_len, self.batch_size, self.split = seq_len, batch_size, split
+        self.num_items, self.batch_size = num_items, batch_size
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.shards = [self._open(Path(data_dir), shard) for shard in self.manifest["splits"][split]["shards"]]
-        windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
-        self._first_window = np.cumsum([0, *windows])
-        self.windows_per_rank = int(self._first_window[-1]) // world_size
-        self.batches_per_epoch = self.windows_per_rank // batch_size
-        if self.batches_per_epoch == 0:
-            tokens = self.manifest["splits"][split]["tokens"]
-            raise ValueError(
-                f"the {split} split has {tokens} tokens: too few for one batch of {batch_size} x "
-                f"{seq_len + 1} tokens on each of {world_size} ranks; use more data or smaller batches"
-            )
+        self.items_per_rank = num_items // world_size
+        self.batches_per_epoch = self.items_per_rank // batch_size
         self.epoch, self.position = 0, 0  # position: batches of this epoch already served
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
-    @staticmethod
-    def _open(data_dir: Path, shard: dict) -> np.ndarray:
-        path = data_dir / shard["file"]
-        expected = shard["tokens"] * 4
-        if not path.exists() or path.stat().st_size != expected:
-            size = path.stat().st_size if path.exists() else "missing"
-            raise ValueError(f"shard {path} is {size} bytes, the manifest says {expected}: prepare the dataset again")
-        return np.memmap(path, dtype=np.uint32, mode="r")
-
     def _rank_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            total = int(self._first_window[-1])
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(total)
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
             else:
-                order = np.arange(total)
-            self._order = order[: self.windows_per_rank * self.world_size][self.rank :: self.world_size]
+                order = np.arange(self.num_items)
+            self._order = order[: self.items_per_rank * self.world_size][self.rank :: self.world_size]
             self._order_epoch = self.epoch
         return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each a [batch_size, seq_len] int64 tensor; epochs roll over by themselves."""
+        """(inputs, targets), each [batch_size, seq_len] int64; epochs roll over by themselves."""
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         start = self.position * self.batch_size
-        windows = self._rank_order()[start : start + self.batch_size]
-        shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
-        batch = np.stack([
-            self.shards[s][(w - self._first_window[s]) * self.seq_len :][: self.seq_len + 1]
-            for w, s in zip(windows, shard_of)
-        ]).astype(np.int64)
         self.position += 1
-        tokens = torch.from_numpy(batch)
-        return tokens[:, :-1], tokens[:, 1:]
+        return self._batch(self._rank_order()[start : start + self.batch_size])
+
+    def _batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def __iter__(self):
         while True:
@@ -242,8 +200,66 @@ class TokenLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def _identity(self) -> dict:
-        return {
-            "split": self.split, "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed,
-            "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
-            "tokenizer_sha256": self.manifest["tokenizer_sha256"],
-        }
+        return {"num_items": self.num_items, "batch_size": self.batch_size, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle}
+
+
+class TokenLoader(EpochBatches):
+    """Batches of fixed windows from a prepared split, for next-token training.
+
+    Each window is `seq_len + 1` consecutive tokens (inputs are the first seq_len, targets the
+    last seq_len); windows start every seq_len tokens within a shard, and documents are packed
+    across window boundaries. Windows are ordered and split across ranks by `EpochBatches`, so a
+    resumed run sees exactly the tokens an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        seq_len: int,
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        tokenizer: HavocTokenizer | None = None,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.manifest = load_manifest(data_dir, tokenizer)
+        self.seq_len, self.split = seq_len, split
+        self.shards = [self._open(Path(data_dir), shard) for shard in self.manifest["splits"][split]["shards"]]
+        windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self._first_window = np.cumsum([0, *windows])
+        self._setup_order(int(self._first_window[-1]), batch_size, seed, rank, world_size, shuffle)
+        if self.batches_per_epoch == 0:
+            tokens = self.manifest["splits"][split]["tokens"]
+            raise ValueError(
+                f"the {split} split has {tokens} tokens: too few for one batch of {batch_size} x "
+                f"{seq_len + 1} tokens on each of {world_size} ranks; use more data or smaller batches"
+            )
+
+    @staticmethod
+    def _open(data_dir: Path, shard: dict) -> np.ndarray:
+        path = data_dir / shard["file"]
+        expected = shard["tokens"] * 4
+        if not path.exists() or path.stat().st_size != expected:
+            size = path.stat().st_size if path.exists() else "missing"
+            raise ValueError(f"shard {path} is {size} bytes, the manifest says {expected}: prepare the dataset again")
+        return np.memmap(path, dtype=np.uint32, mode="r")
+
+    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
+        batch = np.stack([
+            self.shards[s][(w - self._first_window[s]) * self.seq_len :][: self.seq_len + 1]
+            for w, s in zip(windows, shard_of)
+        ]).astype(np.int64)
+        tokens = torch.from_numpy(batch)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def _identity(self) -> dict:
+        return {**super()._identity(), "split": self.split, "seq_len": self.seq_len,
+                "tokenizer_sha256": self.manifest["tokenizer_sha256"]}

@@ -7,8 +7,10 @@ model (torchtitan's order: checkpointing, compile, then DDP or FSDP2 per block).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,11 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from havoc_core.interop import hf_to_havoc
 from havoc_core.model import HavocModel
+from havoc_core.model.transformer import IGNORE_INDEX
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from havoc_training.config import TrainConfig
 from havoc_training.data import TokenLoader
+from havoc_training.finetune import ChatLoader
+from havoc_training.lora import apply_lora
 from havoc_training.metrics import MetricsLog
 
 # Dense bf16 peak of known cards, for MFU.
@@ -54,19 +60,21 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) ->
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False):
-        self.config = config
+    def __init__(self, config: TrainConfig, resume: bool = False, chat: bool = False):
+        """`chat=True` fine-tunes on a chat JSONL (loss on assistant tokens only) instead of a prepared dataset."""
+        self.config, self.chat = config, chat
+        if chat and not config.init_from:
+            raise ValueError("fine-tuning needs init_from: a HAVOC checkpoint or a Hugging Face Llama folder")
         self.rank, self.world_size = _init_distributed()
         self.device = _device(config.device, self.rank)
         self.out = Path(config.out)
         self.tokenizer = HavocTokenizer.load(config.tokenizer)
         self.accumulation = config.accumulation_steps(self.world_size)
-        self.loader = TokenLoader(config.data, config.seq_len, config.micro_batch, seed=config.seed,
-                                  rank=self.rank, world_size=self.world_size, tokenizer=self.tokenizer)
+        self.loader = self._loader("train")
         self.model_config = config.model_config(self.tokenizer.vocab_size)
         torch.manual_seed(config.seed)
         if config.init_from:
-            model = HavocModel.load_pretrained(config.init_from, device=self.device)
+            model = _load_init(config.init_from, self.device)
             if model.config.vocab_size != self.tokenizer.vocab_size:
                 raise ValueError(f"{config.init_from} has vocab_size {model.config.vocab_size}, the tokenizer "
                                  f"{self.tokenizer.vocab_size}: they do not belong together")
@@ -75,6 +83,8 @@ class Trainer:
         else:
             with torch.device(self.device):
                 model = HavocModel(self.model_config)
+        if config.lora_rank:
+            apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.raw_model = model
         self.model = self._parallelize(model)
         self.optimizer = build_optimizer(self.model, config, fused=self.device.type == "cuda")
@@ -85,6 +95,14 @@ class Trainer:
         self.metrics = MetricsLog(self.out, enabled=self.rank == 0, keep_until_step=self.step)
 
     # Set-up.
+    def _loader(self, split: str, shuffle: bool = True):
+        config = self.config
+        common = dict(split=split, seed=config.seed, rank=self.rank, world_size=self.world_size, shuffle=shuffle)
+        if self.chat:
+            return ChatLoader(config.data, self.tokenizer, config.seq_len, config.micro_batch,
+                              val_fraction=config.val_fraction, **common)
+        return TokenLoader(config.data, config.seq_len, config.micro_batch, tokenizer=self.tokenizer, **common)
+
     def _parallelize(self, model: HavocModel) -> torch.nn.Module:
         config = self.config
         for block in model.layers:
@@ -149,8 +167,11 @@ class Trainer:
                 summary = self.evaluate()
                 self.metrics.log({"step": self.step, **summary})
             if self.step % config.save_every == 0 or self.step == config.max_steps:
+                extra = {"tokenizer": str(Path(config.tokenizer).resolve())}
+                if config.lora_rank:
+                    extra["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets}
                 save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.loader,
-                                self.model_config, config.keep_last, {"tokenizer": str(Path(config.tokenizer).resolve())})
+                                self.model_config, config.keep_last, extra)
                 self.metrics.plot()
             bar.update(1)
         bar.close()
@@ -169,7 +190,7 @@ class Trainer:
             context = self.model.no_sync() if not sync else nullcontext()
             with context, self._autocast():
                 logits = self.model(inputs).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / self.accumulation
+                loss = _mean_loss(logits, targets) / self.accumulation
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -183,16 +204,17 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean loss and bits-per-byte on the first eval_batches batches of the validation split."""
         self.model.eval()
-        val = TokenLoader(self.config.data, self.config.seq_len, self.config.micro_batch, split="val",
-                          rank=self.rank, world_size=self.world_size, shuffle=False)
+        val = self._loader("val", shuffle=False)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
         for _ in range(min(self.config.eval_batches, val.batches_per_epoch)):
             inputs, targets = (t.to(self.device) for t in val.next_batch())
             with self._autocast():
                 logits = self.model(inputs).logits
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            sums += torch.stack([nats.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64),
-                                 self.token_bytes[targets].sum()])
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum",
+                                   ignore_index=IGNORE_INDEX)
+            scored = targets[targets != IGNORE_INDEX]
+            sums += torch.stack([nats.double(), torch.tensor(scored.numel(), device=self.device, dtype=torch.float64),
+                                 self.token_bytes[scored].sum()])
         if self.world_size > 1:
             dist.all_reduce(sums)
         self.model.train()
@@ -206,6 +228,21 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
+
+
+def _mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the scored targets (0, not NaN, when a micro-batch has none)."""
+    nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+    return nats / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _load_init(path: str, device: torch.device) -> HavocModel:
+    """Weights to start from: a HAVOC folder, or a Hugging Face Llama folder converted on the way in."""
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+    if "model_type" not in config:
+        return HavocModel.load_pretrained(path, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        return HavocModel.load_pretrained(hf_to_havoc(path, Path(tmp) / "havoc"), device=device)
 
 
 def _init_distributed() -> tuple[int, int]:

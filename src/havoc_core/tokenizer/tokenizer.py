@@ -164,12 +164,18 @@ class HavocTokenizer:
 
         Role markers come from the special ids; contents are encoded as plain text.
         """
-        ids = [self.bos_token_id]
+        ids, _ = self.encode_chat(messages)
+        return ids + [self.token_id("<|assistant|>")] if add_generation_prompt else ids
+
+    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """`apply_chat_template` ids and, per id, whether a fine-tuned model should learn to produce it:
+        the contents of assistant messages and their closing <|end|> (so the model learns to stop)."""
+        ids, learn = [self.bos_token_id], [False]
         for role, content in _check_messages(messages):
-            ids += [self.token_id(f"<|{role}|>"), *self.encode(content), self.end_token_id]
-        if add_generation_prompt:
-            ids.append(self.token_id("<|assistant|>"))
-        return ids
+            body = [*self.encode(content), self.end_token_id]
+            ids += [self.token_id(f"<|{role}|>"), *body]
+            learn += [False] + [role == "assistant"] * len(body)
+        return ids, learn
 
     # Vocabulary.
     @property

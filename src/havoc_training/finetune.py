@@ -1,0 +1,78 @@
+"""Supervised fine-tuning data: chat JSONL -> batches whose loss covers assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from havoc_core.model.transformer import IGNORE_INDEX
+from havoc_core.tokenizer import HavocTokenizer
+from havoc_core.tokenizer.corpus import in_val_split
+from havoc_training.data import SPLITS, EpochBatches
+
+
+def read_chats(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
+    """(source, messages) per line of a chat JSONL file: {"messages": [{"role": ..., "content": ...}, ...]}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat file {path} does not exist (fine-tuning takes a .jsonl of {{'messages': [...]}})")
+    chats = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise ValueError(f"{path}:{number} needs a 'messages' list")
+        chats.append((f"{path}:{number}", record["messages"]))
+    if not chats:
+        raise ValueError(f"chat file {path} holds no conversations")
+    return chats
+
+
+class ChatLoader(EpochBatches):
+    """Conversations as (inputs, targets): right-padded to the longest in the batch, targets -100
+    except on assistant contents and their <|end|>. Causal attention never looks right, so the
+    right padding needs no mask. Conversations longer than seq_len + 1 tokens are cut."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer: HavocTokenizer, seq_len: int, batch_size: int,
+                 split: str = "train", val_fraction: float = 0.05, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.split, self.seq_len, self.pad_id = split, seq_len, tokenizer.pad_token_id
+        self.examples = []
+        for source, messages in read_chats(path):
+            if in_val_split(source, val_fraction) != (split == "val"):
+                continue
+            try:
+                ids, learn = tokenizer.encode_chat(messages)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+            ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
+            targets = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], learn[1:])]
+            if any(t != IGNORE_INDEX for t in targets):  # nothing to learn from a chat without assistant text
+                self.examples.append((ids[:-1], targets))
+        self._setup_order(len(self.examples), batch_size, seed, rank, world_size, shuffle)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{path}: the {split} split has {len(self.examples)} usable conversations, too few for "
+                             f"one batch of {batch_size} on each of {world_size} ranks")
+
+    def _batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.examples[i] for i in indices]
+        width = max(len(inputs) for inputs, _ in rows)
+        inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, labels) in enumerate(rows):
+            inputs[row, : len(ids)] = torch.tensor(ids)
+            targets[row, : len(labels)] = torch.tensor(labels)
+        return inputs, targets
+
+    def _identity(self) -> dict:
+        return {**super()._identity(), "split": self.split, "seq_len": self.seq_len}
