@@ -37,8 +37,8 @@ def main() -> None:
     files = stdlib_corpus()
     docs = list(Corpus(files))
     megabytes = sum(len(d.text.encode()) for d in docs) / 1e6
-    train = [d.text for d in docs if not in_val_split(d.source, 0.05)]
-    held_out = [d.text for d in docs if in_val_split(d.source, 0.05)]
+    train = [d.text for d in docs if not in_val_split(d.text, 0.05)]
+    held_out = [d.text for d in docs if in_val_split(d.text, 0.05)]
     rows = []
 
     start = time.perf_counter()

@@ -184,3 +184,14 @@ def test_cli_prepare(tmp_path, tokenizer_dir, corpus_files):
     again = subprocess.run([sys.executable, "-m", "havoc.cli", "data", "prepare", *map(str, corpus_files[:40]),
                             "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "ds")], capture_output=True, text=True)
     assert again.returncode == 1 and "exists and is not empty" in again.stderr
+
+
+def test_split_does_not_depend_on_where_the_data_lives(tmp_path, tokenizer, corpus_files):
+    manifests = []
+    for place in ("here", "elsewhere/deeper"):
+        folder = tmp_path / place / "src"
+        folder.mkdir(parents=True)
+        for p in corpus_files[:40]:
+            (folder / p.name).write_bytes(p.read_bytes())
+        manifests.append(prepare(Corpus([folder]), tokenizer, tmp_path / place / "ds", val_fraction=0.2))
+    assert manifests[0]["splits"] == manifests[1]["splits"]

@@ -25,11 +25,11 @@ def chats(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     lines = []
-    for _ in range(300):
+    for i in range(300):
         word = rng.choice(WORDS)
         lines.append(json.dumps({"messages": [
             {"role": "system", "content": "Repeat the colour."},
-            {"role": "user", "content": f"colour: {word}"},
+            {"role": "user", "content": f"{i} colour: {word}"},
             {"role": "assistant", "content": word.upper()},
         ]}))
     path.write_text("\n".join(lines) + "\n")
@@ -70,7 +70,7 @@ def test_full_finetune_learns_the_task(config, tokenizer):
     assert summary["val_loss"] < 0.5 and summary["last_loss"] < summary["first_loss"] / 4
     model = HavocModel.load_pretrained(export_checkpoint(summary["checkpoint"], Path(config.out) / "model"))
     prompt = tokenizer.apply_chat_template([{"role": "system", "content": "Repeat the colour."},
-                                            {"role": "user", "content": "colour: blue"}], add_generation_prompt=True)
+                                            {"role": "user", "content": "7 colour: blue"}], add_generation_prompt=True)
     out = model.generate([prompt], max_new_tokens=8, eos_token_id=tokenizer.end_token_id)
     assert tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True) == "BLUE"
 

@@ -44,7 +44,7 @@ def _cli_args(config: TrainConfig) -> list[str]:
     args = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             value = json.dumps(value)
         if not isinstance(value, bool):
             args += ["--" + f.name.replace("_", "-"), str(value)]

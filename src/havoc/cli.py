@@ -38,8 +38,8 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
     corpus = _corpus(args)
     docs = list(corpus)
-    train = [d.text for d in docs if not in_val_split(d.source, args.val_fraction)]
-    held_out = [d.text for d in docs if in_val_split(d.source, args.val_fraction)]
+    train = [d.text for d in docs if not in_val_split(d.text, args.val_fraction)]
+    held_out = [d.text for d in docs if in_val_split(d.text, args.val_fraction)]
     megabytes = sum(len(t.encode("utf-8")) for t in train) / 1e6
     start = time.perf_counter()
     tokenizer = HavocTokenizer.train(train, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
@@ -113,7 +113,7 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file-name patterns to take from folders (default: all)")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="share of documents held out for validation, chosen by a hash of their source")
+                        help="share of documents held out for validation, chosen by a hash of their text")
 
 
 def build_parser() -> argparse.ArgumentParser:

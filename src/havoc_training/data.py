@@ -70,7 +70,7 @@ def prepare(
 ) -> dict:
     """Tokenize every document of `corpus` as <|bos|> ids <|eos|> into a new dataset at `out`.
 
-    Documents go to the validation split by a hash of their source (see `in_val_split`).
+    Documents go to the validation split by a hash of their text (see `in_val_split`).
     Tokenization runs in parallel threads inside `tokenizers`. Returns the manifest.
     """
     if not 0 <= val_fraction < 1:
@@ -87,7 +87,7 @@ def prepare(
             nonlocal pending, pending_bytes
             for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending])):
                 text_bytes = len(doc.text.encode("utf-8"))
-                split = "val" if in_val_split(doc.source, val_fraction) else "train"
+                split = "val" if in_val_split(doc.text, val_fraction) else "train"
                 writers[split].write(np.array([bos, *ids, eos], dtype=np.uint32), text_bytes)
                 progress.update(text_bytes)
             pending, pending_bytes = [], 0

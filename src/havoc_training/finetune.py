@@ -30,7 +30,7 @@ def read_chats(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
             raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise ValueError(f"{path}:{number} needs a 'messages' list")
-        chats.append((f"{path}:{number}", record["messages"]))
+        chats.append((f"{path.name}:{number}", record["messages"]))
     if not chats:
         raise ValueError(f"chat file {path} holds no conversations")
     return chats
@@ -49,12 +49,12 @@ class ChatLoader(EpochBatches):
         self.split, self.seq_len, self.pad_id = split, seq_len, tokenizer.pad_token_id
         self.examples = []
         for source, messages in read_chats(path):
-            if in_val_split(source, val_fraction) != (split == "val"):
-                continue
-            try:
+            try:  # every conversation is checked, whichever split it belongs to
                 ids, learn = tokenizer.encode_chat(messages)
             except ValueError as e:
-                raise ValueError(f"{source}: {e}") from None
+                raise ValueError(f"{Path(path).parent / source}: {e}") from None
+            if in_val_split(json.dumps(messages, sort_keys=True), val_fraction) != (split == "val"):
+                continue
             ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
             targets = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], learn[1:])]
             if any(t != IGNORE_INDEX for t in targets):  # nothing to learn from a chat without assistant text

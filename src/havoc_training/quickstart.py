@@ -24,7 +24,7 @@ def quickstart(out: str | Path, max_steps: int, val_fraction: float = 0.05) -> d
         raise FileExistsError(f"{out} exists and is not empty; remove it or pass another --out")
     corpus = Corpus(stdlib_corpus())
     print(f"1/4 tokenizer: training on the embedded corpus ({len(corpus.files())} standard-library files)")
-    train_texts = [d.text for d in corpus if not in_val_split(d.source, val_fraction)]
+    train_texts = [d.text for d in corpus if not in_val_split(d.text, val_fraction)]
     tokenizer = HavocTokenizer.train(train_texts, vocab_size=4096)
     tokenizer.save(out / "tokenizer")
     print("2/4 data: tokenizing into shards")

@@ -28,16 +28,17 @@ def stdlib_corpus() -> list[Path]:
     return sorted(files)
 
 
-def in_val_split(source: str, val_fraction: float) -> bool:
-    """Whether the document named `source` is held out: a hash, so stable across runs and orders."""
-    digest = hashlib.blake2b(source.encode(), digest_size=8).digest()
+def in_val_split(text: str, val_fraction: float) -> bool:
+    """Whether a document is held out, by a hash of its text: stable across runs, orders and
+    machines, and identical documents always fall on the same side (no train/val leakage)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
 @dataclass
 class Document:
     text: str
-    source: str  # "path" or "path:line" for JSONL records
+    source: str  # where it came from, relative to the inputs' common folder ("json/decoder.py", "d.jsonl:12")
 
 
 @dataclass
@@ -72,10 +73,14 @@ class Corpus:
         return found
 
     def __iter__(self) -> Iterator[Document]:
-        for path in self.files():
-            yield from self._read(path)
+        files = self.files()
+        root = Path(os.path.commonpath([p.resolve() for p in files]))
+        if root.is_file():
+            root = root.parent
+        for path in files:
+            yield from self._read(path, str(path.resolve().relative_to(root)))
 
-    def _read(self, path: Path) -> Iterator[Document]:
+    def _read(self, path: Path, source: str) -> Iterator[Document]:
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -87,7 +92,7 @@ class Corpus:
             return
         if path.suffix != ".jsonl":
             if text:
-                yield Document(text, str(path))
+                yield Document(text, source)
             return
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -100,4 +105,4 @@ class Corpus:
             if not isinstance(value, str):
                 raise ValueError(f"{path}:{number} has no string field {self.text_field!r} (set --text-field)")
             if value:
-                yield Document(value, f"{path}:{number}")
+                yield Document(value, f"{source}:{number}")
