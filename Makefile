@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU build on the machine's disk, not a CUDA download.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# lm-eval has no plugin discovery for models: this start-up hook registers `havoc` (see lm_eval_plugin.py).
+	echo 'import importlib.util; importlib.util.find_spec("havoc_eval") and __import__("havoc_eval.lm_eval_plugin")' \
+		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/havoc_lm_eval.pth"
 	touch $(STAMP)
 
 # The main job: tokenizer, data, ~5 minutes of training on this CPU, loss plot and samples.
@@ -24,7 +27,8 @@ test: $(STAMP)
 	$(PY) test_smoke.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	mkdir -p runs/bench
+	$(VENV)/bin/havoc bench small --repeats 7 --json runs/bench/core.json --chart runs/bench/core.png
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -329,3 +329,10 @@ def test_pickle_weights_never_run_code(tmp_path, model, monkeypatch):
     with pytest.raises(ValueError, match="refusing .*pytorch_model.bin.*weights_only=True"):
         HavocModel.load_pretrained(tmp_path)
     assert not marker.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on machines without a GPU")
+def test_cuda_without_a_gpu_is_named(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        HavocModel.load_pretrained(tmp_path, device="cuda")

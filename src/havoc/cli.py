@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from havoc_training.config import add_override_flags
 
@@ -106,6 +107,36 @@ def _quickstart(args: argparse.Namespace) -> None:
     quickstart(args.out, args.max_steps)
 
 
+def _eval_perplexity(args: argparse.Namespace) -> None:
+    import json
+
+    from havoc_core.pretrained import load_model_and_tokenizer
+    from havoc_eval.perplexity import perplexity, read_texts
+
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device)
+    result = perplexity(model, tokenizer, read_texts(args.data, args.text_field), context=args.context,
+                        stride=args.stride, batch_size=args.batch_size, show_progress=True)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from havoc_eval.bench import bench, chart, table
+
+    result = bench(args.model, device=args.device, dtype=args.dtype, prefill_tokens=args.prefill_tokens,
+                   new_tokens=args.new_tokens, train_batch=args.train_batch, train_seq=args.train_seq,
+                   repeats=args.repeats)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart:
+        chart(result, args.chart)
+
+
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="files, folders or .jsonl files (default: the embedded standard-library corpus)")
@@ -166,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart", help="new folder for everything it makes")
     quick.add_argument("--max-steps", type=int, default=250)
     quick.set_defaults(func=_quickstart)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model (lm-eval: `lm_eval --model havoc ...`)")
+    eval_commands = evaluate.add_subparsers(dest="action", required=True)
+    ppl = eval_commands.add_parser("perplexity", help="mean token loss, perplexity and bits-per-byte on text")
+    ppl.add_argument("checkpoint", help="a model folder (save_pretrained or `havoc export`)")
+    ppl.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, folders or .jsonl")
+    ppl.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint folder)")
+    ppl.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    ppl.add_argument("--context", type=int, help="tokens per window (default: the model's max_seq_len)")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--json", help="also write the result to this file")
+    ppl.set_defaults(func=_eval_perplexity)
+
+    bench = commands.add_parser("bench", help="prefill, decode and training throughput beside HF transformers")
+    bench.add_argument("model", nargs="?", default="small", help="a checkpoint folder or a preset (default: small)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--prefill-tokens", type=int, default=512)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--train-batch", type=int, default=4)
+    bench.add_argument("--train-seq", type=int, default=256)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--json", help="also write the results here")
+    bench.add_argument("--chart", help="also draw a PNG bar chart here")
+    bench.set_defaults(func=_bench)
 
     data = commands.add_parser("data", help="prepare token datasets for training")
     data_commands = data.add_subparsers(dest="action", required=True)

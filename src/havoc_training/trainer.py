@@ -25,6 +25,7 @@ from tqdm import tqdm
 from havoc_core.interop import hf_to_havoc
 from havoc_core.model import HavocModel
 from havoc_core.model.transformer import IGNORE_INDEX
+from havoc_core.pretrained import check_vocab
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from havoc_training.config import TrainConfig
@@ -75,9 +76,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         if config.init_from:
             model = _load_init(config.init_from, self.device)
-            if model.config.vocab_size != self.tokenizer.vocab_size:
-                raise ValueError(f"{config.init_from} has vocab_size {model.config.vocab_size}, the tokenizer "
-                                 f"{self.tokenizer.vocab_size}: they do not belong together")
+            check_vocab(model.config, self.tokenizer, config.init_from)
             self.model_config = model.config
             model.train()
         else:

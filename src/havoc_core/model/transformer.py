@@ -279,6 +279,8 @@ class HavocModel(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu'")
         config = HavocConfig.load(directory / CONFIG_NAME)
         state, weights_file = load_weights(directory, device)
         with torch.device("meta"):

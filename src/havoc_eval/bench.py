@@ -1,0 +1,137 @@
+"""`havoc bench`: prefill, decode and training throughput of HAVOC beside HF transformers on the same weights.
+
+Both sides are timed alternately (A B, then B A) in one process and medians are reported, since
+shared machines are noisy. Greedy outputs are checked identical first (in fp32), so the two
+sides are known to compute the same thing.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from havoc_core.config import HavocConfig
+from havoc_core.interop import havoc_to_hf
+from havoc_core.model import HavocModel
+
+
+def _load(model: str, device: str, dtype: torch.dtype) -> HavocModel:
+    if Path(model).is_dir():
+        return HavocModel.load_pretrained(model, device=device, dtype=dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return HavocModel(HavocConfig.preset(model)).to(dtype).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", prefill_tokens: int = 512,
+          new_tokens: int = 128, train_batch: int = 4, train_seq: int = 256, repeats: int = 5) -> dict:
+    """Run the three benchmarks; `model` is a checkpoint folder or a preset name."""
+    from transformers import LlamaForCausalLM  # the reference; imported only when benchmarking
+
+    torch_dtype = getattr(torch, dtype)
+    ours = _load(model, device, torch_dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(f"{tmp}/havoc")
+        havoc_to_hf(f"{tmp}/havoc", f"{tmp}/hf")
+        theirs = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch_dtype, attn_implementation="sdpa")
+    theirs = theirs.to(device).eval()
+    vocab = ours.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prefill_ids = torch.randint(3, vocab, (1, prefill_tokens), generator=g).to(device)
+    prompt = torch.randint(3, vocab, (1, 16), generator=g).to(device)
+    train_ids = torch.randint(3, vocab, (train_batch, train_seq), generator=g).to(device)
+
+    if torch_dtype == torch.float32:
+        with torch.inference_mode():
+            a = ours.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None)
+            b = theirs.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        if not torch.equal(a, b):
+            raise RuntimeError("HAVOC and HF greedy outputs differ on the same weights: the comparison is void")
+
+    def prefill(m):
+        with torch.inference_mode():
+            m(prefill_ids)
+
+    def decode(m):
+        with torch.inference_mode():
+            if m is ours:
+                ours.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None)
+            else:
+                theirs.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+
+    def train_step(m):
+        m.train()
+        loss = ours.compute_loss(train_ids)[0] if m is ours else theirs(train_ids, labels=train_ids).loss
+        loss.backward()
+        optimizers[id(m)].step()
+        optimizers[id(m)].zero_grad(set_to_none=True)
+        m.eval()
+
+    tasks: dict[str, tuple[Callable, int]] = {
+        f"prefill 1x{prefill_tokens}": (prefill, prefill_tokens),
+        f"decode b=1, {new_tokens} new": (decode, new_tokens),
+        f"train {train_batch}x{train_seq} AdamW": (train_step, train_batch * train_seq),
+    }
+    rows = []
+    for name, (fn, tokens) in tasks.items():
+        fn(ours), fn(theirs)  # warm-up
+        times = {"havoc": [], "hf": []}
+        for i in range(repeats):
+            for key, m in (("havoc", ours), ("hf", theirs))[:: 1 if i % 2 == 0 else -1]:
+                _sync(device)
+                start = time.perf_counter()
+                fn(m)
+                _sync(device)
+                times[key].append(time.perf_counter() - start)
+        havoc, hf = (tokens / statistics.median(times[k]) for k in ("havoc", "hf"))
+        rows.append({"benchmark": f"{name} (tok/s)", "havoc": havoc, "hf": hf, "ratio": havoc / hf})
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": dtype,
+            "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
+
+
+def table(result: dict) -> str:
+    import transformers
+
+    lines = [
+        f"# {result['date']} | {result['machine']} | torch {torch.__version__} | transformers {transformers.__version__}",
+        f"# {result['model']} ({result['parameters'] / 1e6:.1f}M parameters), {result['dtype']}, medians of "
+        f"{result['repeats']} alternating runs",
+        "| benchmark | HAVOC | HF | HAVOC / HF |", "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['benchmark']} | {r['havoc']:,.1f} | {r['hf']:,.1f} | {r['ratio']:.2f}x |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def chart(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.5))
+    for ax, row in zip(axes, rows):
+        bars = ax.bar(["HAVOC", "HF"], [row["havoc"], row["hf"]], color=["tab:orange", "tab:blue"])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(row["benchmark"], fontsize=9)
+    fig.suptitle(f"{result['model']}, {result['dtype']}, {result['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
