@@ -5,6 +5,8 @@ Plain PyTorch: compile, sharding and precision are applied from outside (trainer
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,12 @@ from torch import nn
 from havoc_core.config import HavocConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [batch, num_kv_heads, seq, head_dim]
+
+
+class StaticCache(Protocol):
+    """A preallocated cache (the inference engine's): stores the new keys/values, returns all of them."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> KVCache: ...
 
 
 class RMSNorm(nn.Module):
@@ -86,18 +94,23 @@ class GQAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        past_kv: KVCache | None = None,
+        past_kv: KVCache | StaticCache | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """`mask` is boolean [batch, 1, seq, past+seq] (True = may attend) or None for plain causal."""
+        """`mask` is boolean [batch, 1, seq, keys] (True = may attend) or None for plain causal.
+
+        `past_kv` is the (key, value) of earlier tokens, extended here, or a `StaticCache`.
+        """
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_kv is not None:
+        if isinstance(past_kv, tuple):
             k = torch.cat((past_kv[0], k), dim=2)
             v = torch.cat((past_kv[1], v), dim=2)
+        elif past_kv is not None:
+            k, v = past_kv.update(k, v)
         # enable_gqa lets each group of query heads read its shared KV head without a copy.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=True
@@ -138,7 +151,7 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        past_kv: KVCache | None = None,
+        past_kv: KVCache | StaticCache | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         attn_out, kv = self.attn(self.attn_norm(x), rope, mask, past_kv)
         x = x + self.dropout(attn_out)

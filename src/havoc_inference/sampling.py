@@ -1,0 +1,89 @@
+"""Sampling parameters and the processing of one sequence's next-token logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt and output; 1 = off
+    presence_penalty: float = 0.0  # OpenAI style, over output
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    echo: bool = False  # also return the prompt (and, with logprobs, its log-probabilities)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (0 <= self.temperature <= 2, "temperature", "in [0, 2]"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0"),
+            (0 <= self.min_p <= 1, "min_p", "in [0, 1]"),
+            (0 < self.repetition_penalty <= 10, "repetition_penalty", "in (0, 10]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "between 0 and 20"),
+            (len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop), "stop", "up to 16 non-empty strings"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise InvalidParameter(name, f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class InvalidParameter(ValueError):
+    """A request field with a bad value; `param` names the field (OpenAI's error shape has it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                   output_counts: dict[int, int]) -> torch.Tensor:
+    """Apply penalties, temperature, top-k, top-p and min-p to one row of float32 logits [vocab]."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_counts)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if output_counts and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(list(output_counts), device=logits.device)
+        counts = torch.tensor(list(output_counts.values()), device=logits.device, dtype=logits.dtype)
+        logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The next token from processed logits: argmax when greedy, else a draw from `generator`."""
+    if params.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -1,0 +1,472 @@
+"""`havoc serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the inference engine.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (503 while
+loading), GET /metrics (Prometheus), POST /tokenize, POST /detokenize, and the chat page at /.
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from havoc_core.pretrained import load_model_and_tokenizer
+from havoc_inference.engine import ContextTooLong, Engine, Event, Sequence, TokenLogprob
+from havoc_inference.sampling import InvalidParameter, SamplingParams
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_BODY_BYTES = 1 << 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def _error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+
+
+# Request bodies. Sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty, ...) follow vLLM's names.
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class _BodyLimit:
+    """Refuses request bodies over `limit` bytes (413), counting the bytes as they arrive."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = _error_response(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
+                                    code="request_too_large")
+        if declared is not None and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise APIError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class Server:
+    """The app's state: the engine (loaded in the background), the model's name and the metrics."""
+
+    def __init__(self, checkpoint: str, tokenizer: str | None, model_name: str | None, slots: int,
+                 context: int | None, device: str, compile: bool):
+        self.model_name = model_name or Path(checkpoint).resolve().name
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.metrics = CollectorRegistry()
+        self.requests = Counter("havoc_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.metrics)
+        self.prompt_tokens = Counter("havoc_prompt_tokens", "Prompt tokens processed", registry=self.metrics)
+        self.generated_tokens = Counter("havoc_generated_tokens", "Tokens generated", registry=self.metrics)
+        self.ttft = Histogram("havoc_time_to_first_token_seconds", "Time to first token", registry=self.metrics)
+        self.latency = Histogram("havoc_request_latency_seconds", "Whole-request latency", registry=self.metrics)
+        Gauge("havoc_queue_depth", "Sequences waiting or prefilling", registry=self.metrics).set_function(
+            lambda: self.engine.queue_depth if self.engine else 0)
+        Gauge("havoc_running_sequences", "Sequences holding a cache slot", registry=self.metrics).set_function(
+            lambda: len(self.engine.running) if self.engine else 0)
+
+        def load() -> None:
+            try:
+                model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device)
+                engine = Engine(model, tok, slots=slots, context=context, compile=compile)
+                engine.start()
+                self.engine = engine
+            except Exception as e:  # reported by /health; the process stays up to say why
+                self.load_error = f"{type(e).__name__}: {e}"
+
+        threading.Thread(target=load, name="havoc-load", daemon=True).start()
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise APIError(503, self.load_error or "the model is still loading; retry shortly",
+                           type="server_error" if self.load_error else "service_unavailable", code="model_not_ready")
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(400, f"model {name!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, echo: bool,
+                     extra_stop_ids: list[int]) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, stop=stop, stop_token_ids=body.stop_token_ids + extra_stop_ids,
+            ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs, echo=echo,
+        )
+    except InvalidParameter as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
+               slots: int = 8, context: int | None = None, device: str = "cpu", compile: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    server = Server(checkpoint, tokenizer, model_name, slots, context, device, compile)
+    app = FastAPI(title="HAVOC", docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return _error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error_response(400, f"the request body is not valid JSON: {first.get('msg')}",
+                                   "invalid_request_error", code="invalid_json")
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error_response(400, f"{param or 'body'}: {first.get('msg')}", "invalid_request_error", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return _error_response(e.status_code, message, kind)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        server.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    async def authorize(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/health")
+    async def health():
+        if server.engine is None:
+            return JSONResponse({"status": "error" if server.load_error else "loading", "detail": server.load_error},
+                                status_code=503)
+        return {"status": "ok", "model": server.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models():
+        engine = server.ready_engine()
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "havoc", "max_model_len": engine.context}]}
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest):
+        engine = server.ready_engine()
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        tokens = engine.tokenizer.encode(body.prompt) if body.prompt is not None else \
+            engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest):
+        engine = server.ready_engine()
+        server.check_model(body.model)
+        try:
+            return {"prompt": engine.tokenizer.decode(body.tokens)}
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from None
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request):
+        engine = server.ready_engine()
+        server.check_model(body.model)
+        prompts = _prompts(body.prompt, engine)
+        params = _sampling_params(body, body.max_tokens, body.logprobs, body.echo, [])
+        return await _run(server, engine, request, "text_completion", prompts, params, body)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(body: ChatRequest, request: Request):
+        engine = server.ready_engine()
+        server.check_model(body.model)
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        prompt = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context - len(prompt))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        # An assistant turn ends with <|end|>.
+        params = _sampling_params(body, max_tokens, logprobs, False, [engine.tokenizer.end_token_id])
+        return await _run(server, engine, request, "chat.completion", [prompt], params, body)
+
+    return _BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+
+
+def _prompts(prompt, engine: Engine) -> list[list[int]]:
+    """Token ids of each prompt: text, token ids, or a list of either."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if any(not p for p in ids):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    vocab = engine.model.config.vocab_size
+    for p in ids:
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+    return ids
+
+
+async def _run(server: Server, engine: Engine, request: Request, kind: str, prompts: list[list[int]],
+               params: SamplingParams, body: _Sampling):
+    """Submit every prompt x n, then answer in one JSON body or as a Server-Sent Events stream."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[Sequence, Event]] = asyncio.Queue()
+    started = time.perf_counter()
+    sequences: list[Sequence] = []
+    try:
+        for prompt in prompts:
+            sequences += engine.submit(prompt, params, body.n,
+                                       notify=lambda s, e: loop.call_soon_threadsafe(events.put_nowait, (s, e)))
+    except ContextTooLong as e:
+        engine.cancel(sequences)
+        raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    index = {seq.id: i for i, seq in enumerate(sequences)}
+    server.prompt_tokens.inc(sum(len(p) for p in prompts) * body.n)
+    response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+    render = _Render(engine, server.model_name, kind, response_id, params, prompts, body.n)
+    render.sequences = dict(enumerate(sequences))
+
+    async def updates():
+        """(sequence, event) until every sequence has finished."""
+        open_ = len(sequences)
+        while open_:
+            seq, event = await events.get()
+            if seq.first_token_at is not None and event.tokens and len(seq.output_ids) <= 1:
+                server.ttft.observe(seq.first_token_at - seq.submitted)
+            server.generated_tokens.inc(len(event.tokens))
+            if event.finish_reason is not None:
+                open_ -= 1
+            yield seq, event
+        server.latency.observe(time.perf_counter() - started)
+
+    if not body.stream:
+        try:
+            async for seq, event in updates():
+                render.add(index[seq.id], event)
+        finally:
+            engine.cancel([s for s in sequences if s.finish_reason is None])
+        return render.whole()
+
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    async def stream():
+        try:
+            for chunk in render.stream_start():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            async for seq, event in updates():
+                for chunk in render.stream_event(index[seq.id], event):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(render.usage_chunk())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): free the slots now
+            engine.cancel([s for s in sequences if s.finish_reason is None])
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+class _Render:
+    """Builds OpenAI response bodies and stream chunks from engine events."""
+
+    def __init__(self, engine: Engine, model: str, kind: str, response_id: str, params: SamplingParams,
+                 prompts: list[list[int]], n: int):
+        self.tok, self.model, self.kind, self.id, self.params = engine.tokenizer, model, kind, response_id, params
+        self.prompts, self.n = prompts, n
+        self.created = int(time.time())
+        count = len(prompts) * n
+        self.texts = [""] * count
+        self.tokens: list[list[int]] = [[] for _ in range(count)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        self.finish: list[str | None] = [None] * count
+        self.prompt_logprobs: list = [None] * count
+        self.sequences: dict[int, Sequence] = {}
+
+    def add(self, i: int, event: Event) -> None:
+        self.texts[i] += event.text
+        self.tokens[i] += event.tokens
+        self.logprobs[i] += event.logprobs
+        if event.finish_reason is not None:
+            self.finish[i] = event.finish_reason
+
+    def _prompt(self, i: int) -> list[int]:
+        return self.prompts[i // self.n]
+
+    def _usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts) * self.n
+        completion = sum(len(t) for t in self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _token_text(self, token: int) -> str:
+        return self.tok.decode([token])
+
+    def _completion_logprobs(self, i: int, logprobs: list[TokenLogprob], offset: int, echo: bool) -> dict:
+        entries: list[TokenLogprob | None] = []
+        tokens: list[int] = []
+        if echo:
+            prompt = self._prompt(i)
+            entries += self._echo_logprobs(i)
+            tokens += prompt
+        entries += logprobs
+        tokens += [e.token for e in logprobs]
+        text_offset, position = [], offset
+        for token in tokens:
+            text_offset.append(position)
+            position += len(self._token_text(token))
+        return {
+            "tokens": [self._token_text(t) for t in tokens],
+            "token_logprobs": [e.logprob if e else None for e in entries],
+            "top_logprobs": [{self._token_text(t): lp for t, lp in e.top} if e else None for e in entries],
+            "text_offset": text_offset,
+        }
+
+    def _echo_logprobs(self, i: int) -> list[TokenLogprob | None]:
+        seq = self.sequences.get(i)
+        return list(seq.prompt_logprobs) if seq is not None and seq.prompt_logprobs is not None \
+            else [None] * len(self._prompt(i))
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> dict:
+        def entry(token: int, logprob: float) -> dict:
+            text = self._token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                            for e in logprobs]}
+
+    def whole(self) -> dict:
+        choices = []
+        for i in range(len(self.texts)):
+            if self.kind == "chat.completion":
+                choices.append({"index": i, "message": {"role": "assistant", "content": self.texts[i]},
+                                "logprobs": self._chat_logprobs(self.logprobs[i]) if self.params.logprobs is not None else None,
+                                "finish_reason": self.finish[i]})
+            else:
+                prefix = self.tok.decode(self._prompt(i)) if self.params.echo else ""
+                logprobs = None
+                if self.params.logprobs is not None:
+                    logprobs = self._completion_logprobs(i, self.logprobs[i], 0, self.params.echo)
+                choices.append({"index": i, "text": prefix + self.texts[i], "logprobs": logprobs,
+                                "finish_reason": self.finish[i]})
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage()}
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def stream_start(self) -> list[dict]:
+        if self.kind == "chat.completion":
+            return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}]) for i in range(len(self.texts))]
+        if self.params.echo:
+            return [self._chunk([{"index": i, "text": self.tok.decode(self._prompt(i)), "logprobs": None,
+                                  "finish_reason": None}]) for i in range(len(self.texts))]
+        return []
+
+    def stream_event(self, i: int, event: Event) -> list[dict]:
+        offset = len(self.texts[i])
+        self.add(i, event)
+        if not event.text and not event.finish_reason and not (event.logprobs and self.kind != "chat.completion"):
+            return []
+        if self.kind == "chat.completion":
+            choice = {"index": i, "delta": {"content": event.text} if event.text else {},
+                      "logprobs": self._chat_logprobs(event.logprobs) if self.params.logprobs is not None else None,
+                      "finish_reason": event.finish_reason}
+        else:
+            logprobs = self._completion_logprobs(i, event.logprobs, offset, False) \
+                if self.params.logprobs is not None else None
+            choice = {"index": i, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return [self._chunk([choice])]
+
+    def usage_chunk(self) -> dict:
+        return {**self._chunk([]), "usage": self._usage()}
