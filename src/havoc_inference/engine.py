@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
@@ -94,6 +96,23 @@ class _SlotWrite:
         return self.k[self.slot : self.slot + 1], self.v[self.slot : self.slot + 1]
 
 
+class _RowLinear(TorchFunctionMode):
+    """Linear layers over a few rows as multiply-and-sum, for the compiled CPU decode step.
+
+    Inductor turns that into one vectorised pass over each weight matrix; on the project's CPU it
+    streams weights at ~26 GB/s where the BLAS matrix-vector call reaches ~11 GB/s, and decode
+    is bound by reading the weights (see benchmarks/RESULTS.md).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if func is F.linear and bias is None and args[0].numel() // args[0].shape[-1] <= 4:
+            x, weight = args[0], args[1]
+            return (x.unsqueeze(-2) * weight).sum(-1)
+        return func(*args, **kwargs)
+
+
 class Engine:
     def __init__(self, model: HavocModel, tokenizer: HavocTokenizer, slots: int = 8, context: int | None = None,
                  prefill_chunk: int = 256, compile: bool = False):
@@ -112,9 +131,10 @@ class Engine:
         self.rows = torch.arange(slots, device=device)
         self.device = device
         self.decode_step = self._decode_step
-        if compile:
-            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on a GPU
-            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+        if compile and device.type == "cuda":
+            self.decode_step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs
+        elif compile:
+            self.decode_step = torch.compile(self._decode_step_rows, fullgraph=True)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.lock = threading.Lock()
@@ -221,18 +241,24 @@ class Engine:
             self._decode(decoding)
         return True
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | None, start: int,
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list, slot: int | None, start: int,
                  all_logits: bool) -> torch.Tensor:
         model = self.model
         x = model.embed_tokens(tokens)
         rope = model.rotary(positions.clamp(max=model.config.max_seq_len - 1))  # the spare column's rope is moot
         mask = (self.key_positions[None, None, :] <= positions[:, :, None])[:, None]
-        for layer, (k, v) in zip(model.layers, self.caches):
+        for layer, (k, v) in zip(model.layers, caches):
             x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, self.rows, positions))
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._forward(tokens, positions, None, 0, all_logits=False)[:, 0]
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
+        # The caches come in as arguments, not through self: compiled with freezing, captured tensors
+        # would be folded into constants, and the caches must stay writable.
+        return self._forward(tokens, positions, caches, None, 0, all_logits=False)[:, 0]
+
+    def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
+        with _RowLinear():
+            return self._decode_step(tokens, positions, caches)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         start = seq.prefilled
@@ -240,7 +266,7 @@ class Engine:
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         echo = seq.prompt_logprobs is not None
-        logits = self._forward(tokens, positions, seq.slot, start, all_logits=echo)[0].float()
+        logits = self._forward(tokens, positions, self.caches, seq.slot, start, all_logits=echo)[0].float()
         seq.prefilled += len(chunk)
         if echo:  # log-probabilities of the prompt's own tokens (lm-evaluation-harness scores with these)
             targets = seq.prompt_ids[start + 1 : start + len(chunk) + 1]
@@ -255,7 +281,7 @@ class Engine:
         for seq in decoding:
             tokens[seq.slot, 0] = seq.output_ids[-1]
             positions[seq.slot, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
-        logits = self.decode_step(tokens, positions).float()
+        logits = self.decode_step(tokens, positions, self.caches).float()
         for seq in decoding:
             self._accept(seq, logits[seq.slot])
 

@@ -1,0 +1,150 @@
+"""Inference engine: static cache and batching give the model's own outputs; sampling options behave."""
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from havoc_core.config import HavocConfig
+from havoc_core.model import HavocModel
+from havoc_inference.engine import ContextTooLong, Engine
+from havoc_inference.sampling import InvalidParameter, SamplingParams, process_logits
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size, max_seq_len=192)
+    return HavocModel(config).eval()
+
+
+def _greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_equals_model_generate(model, tokenizer, compile):
+    prompts = [tokenizer.encode("def f(x):\n    return"), tokenizer.encode("import os, sys\n" * 5)]
+    engine = Engine(model, tokenizer, slots=2, prefill_chunk=7, compile=compile)
+    for prompt in prompts:
+        expected = model.generate([prompt], max_new_tokens=64, eos_token_id=None)[0, len(prompt):].tolist()
+        completion, = engine.generate(prompt, _greedy(64))
+        assert completion.tokens == expected and completion.finish_reason == "length"
+        assert completion.text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_concurrent_sequences_do_not_disturb_each_other(model, tokenizer):
+    prompts = [tokenizer.encode(f"value_{i} = {i} * x") for i in range(6)]
+    alone = [Engine(model, tokenizer, slots=1).generate(p, _greedy(20))[0].tokens for p in prompts]
+    engine = Engine(model, tokenizer, slots=4, prefill_chunk=3)  # 6 requests, 4 slots: some wait, all interleave
+    sequences = [engine.submit(p, _greedy(20))[0] for p in prompts]
+    while any(s.finish_reason is None for s in sequences):
+        engine.step()
+    assert [engine._collect(s).tokens for s in sequences] == alone
+
+
+def test_same_seed_same_output_also_under_concurrency(model, tokenizer):
+    prompt = tokenizer.encode("class Stack:")
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = Engine(model, tokenizer, slots=1).generate(prompt, params)[0].tokens
+    engine = Engine(model, tokenizer, slots=6)
+    engine.start()
+    try:
+        noise = [engine.submit(tokenizer.encode(f"noise {i}"), SamplingParams(max_tokens=30, temperature=1.0))
+                 for i in range(4)]
+        results = [None] * 3
+
+        def run(i):
+            results[i] = engine.generate(prompt, params)[0].tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.stop()
+    assert results == [alone] * 3
+    other = Engine(model, tokenizer, slots=1).generate(prompt, dataclasses.replace(params, seed=99))[0].tokens
+    assert other != alone
+
+
+def test_n_choices_are_independent_draws(model, tokenizer):
+    choices = Engine(model, tokenizer, slots=4).generate(
+        tokenizer.encode("x ="), SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True), n=3)
+    assert len(choices) == 3 and len({tuple(c.tokens) for c in choices}) > 1
+
+
+def test_stop_string_across_token_boundaries(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1)
+    prompt = tokenizer.encode("def f(x):")
+    free = engine.generate(prompt, _greedy(40))[0].text
+    # A stop string made of the end of one token's text and the start of the next.
+    boundary = None
+    texts = [tokenizer.decode([t]) for t in engine.generate(prompt, _greedy(40))[0].tokens]
+    for a, b in zip(texts, texts[1:]):
+        if a and b:
+            boundary = a[-1] + b[0]
+            break
+    assert boundary is not None
+    stopped = engine.generate(prompt, _greedy(40, stop=[boundary]))[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free[: free.find(boundary)]
+
+
+def test_stop_token_ids_and_eos(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1)
+    prompt = tokenizer.encode("for i in")
+    free = engine.generate(prompt, _greedy(20))[0]
+    stop_id = free.tokens[5]
+    stopped = engine.generate(prompt, _greedy(20, stop_token_ids=[stop_id]))[0]
+    assert stopped.finish_reason == "stop" and stopped.tokens[:-1] == free.tokens[: free.tokens.index(stop_id)]
+
+
+def test_logprobs_and_prompt_logprobs(model, tokenizer):
+    prompt = tokenizer.encode("def add(a, b):")
+    completion, = Engine(model, tokenizer, slots=1).generate(prompt, _greedy(5, logprobs=3, echo=True))
+    full = prompt + completion.tokens
+    with torch.no_grad():
+        log_probs = model(torch.tensor([full[:-1]])).logits[0].log_softmax(-1)
+    expected = log_probs.gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
+    got = [e.logprob for e in completion.prompt_logprobs[1:]] + [e.logprob for e in completion.logprobs]
+    assert completion.prompt_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=0)
+    assert all(len(e.top) == 3 and e.top[0][0] == e.token for e in completion.logprobs)  # greedy = the best
+
+
+def test_penalties_and_min_p():
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.5])
+    out = process_logits(logits.clone(), SamplingParams(repetition_penalty=2.0, temperature=0), [0], {2: 1})
+    assert out.tolist() == [1.0, 1.0, -2.0, 0.5]
+    out = process_logits(logits.clone(), SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, temperature=0),
+                         [], {0: 2})
+    assert out[0].item() == pytest.approx(2.0 - 2 * 0.5 - 1.0)
+    probs = logits.softmax(-1)
+    out = process_logits(logits.clone(), SamplingParams(min_p=0.3, temperature=1.0), [], {})
+    assert torch.isinf(out[probs < 0.3 * probs.max()]).all() and torch.isfinite(out[probs >= 0.3 * probs.max()]).all()
+
+
+def test_bad_requests(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1, context=64)
+    with pytest.raises(ContextTooLong, match=r"prompt \(10 tokens\) \+ max_tokens \(60\) = 70 exceeds the context of 64"):
+        engine.submit([7] * 10, SamplingParams(max_tokens=60))
+    with pytest.raises(ValueError, match=r"token id 1000 is outside the vocabulary \[0, 1000\)"):
+        engine.submit([5, 1000], SamplingParams())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.submit([], SamplingParams())
+    for field, value in (("temperature", 3.0), ("max_tokens", 0), ("top_p", 0.0), ("logprobs", 50)):
+        with pytest.raises(InvalidParameter, match=field):
+            SamplingParams(**{field: value})
+
+
+def test_cancel_frees_the_slot(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1)
+    seq, = engine.submit(tokenizer.encode("x"), _greedy(100))
+    engine.step()
+    engine.step()
+    assert engine.running
+    engine.cancel([seq])
+    engine.step()
+    assert not engine.running and seq.finish_reason == "cancelled"
