@@ -137,6 +137,16 @@ def _bench(args: argparse.Namespace) -> None:
         chart(result, args.chart)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from havoc_inference.server import create_app
+
+    app = create_app(args.checkpoint, tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key,
+                     slots=args.slots, context=args.context, device=args.device, compile=args.compile)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="files, folders or .jsonl files (default: the embedded standard-library corpus)")
@@ -224,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the results here")
     bench.add_argument("--chart", help="also draw a PNG bar chart here")
     bench.set_defaults(func=_bench)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page")
+    serve.add_argument("checkpoint", help="a model folder with its tokenizer (save_pretrained or `havoc export`)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    serve.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint folder)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV cache rows)")
+    serve.add_argument("--context", type=int, help="tokens per slot (default: the model's max_seq_len)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    serve.set_defaults(func=_serve)
 
     data = commands.add_parser("data", help="prepare token datasets for training")
     data_commands = data.add_subparsers(dest="action", required=True)

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server, through the real `openai` client, against `havoc serve` in a subprocess."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from havoc_core.config import HavocConfig
+from havoc_core.model import HavocModel
+
+MODEL = "tiny-havoc"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(directory, *extra):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "havoc.cli", "serve", str(directory), "--port", str(port),
+                             "--model-name", MODEL, "--slots", "8", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code in (200, 503):
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(proc.stderr.read())
+
+
+def _wait_ready(url):
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health").status_code != 200:
+        assert time.monotonic() < deadline, httpx.get(f"{url}/health").text
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("serve") / "model"
+    HavocModel(dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    proc, url = _start(model_dir)
+    _wait_ready(url)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def _alive(url):
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    _alive(url)
+
+
+def test_completion_text_and_token_prompts(client, tokenizer):
+    text = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=8, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].finish_reason in ("length", "stop")
+    ids = tokenizer.encode("def add(a, b):")
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == text.choices[0].text
+    assert text.usage.prompt_tokens == len(ids) and text.usage.total_tokens == len(ids) + text.usage.completion_tokens
+
+
+def test_greedy_completion_equals_model_generate(client, model_dir, tokenizer):
+    model = HavocModel.load_pretrained(model_dir)
+    prompt = tokenizer.encode("import os\n")
+    out = model.generate([prompt], max_new_tokens=12, eos_token_id=None)[0, len(prompt):].tolist()
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_chat(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                                                                  {"role": "user", "content": "Hello?"}],
+                                           max_tokens=10, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_streamed_equals_non_streamed_for_the_same_seed(client, kind):
+    common = dict(model=MODEL, max_tokens=24, temperature=1.0, seed=42)
+    if kind == "completions":
+        whole = client.completions.create(prompt="class Stack:", **common).choices[0].text
+        chunks = client.completions.create(prompt="class Stack:", stream=True, stream_options={"include_usage": True},
+                                           **common)
+        parts, usage = [], None
+        for chunk in chunks:
+            parts += [c.text for c in chunk.choices]
+            usage = chunk.usage or usage
+    else:
+        messages = [{"role": "user", "content": "Tell me about stacks."}]
+        whole = client.chat.completions.create(messages=messages, **common).choices[0].message.content
+        chunks = client.chat.completions.create(messages=messages, stream=True, stream_options={"include_usage": True},
+                                                **common)
+        parts, usage = [], None
+        for chunk in chunks:
+            parts += [c.delta.content or "" for c in chunk.choices]
+            usage = chunk.usage or usage
+    assert "".join(parts) == whole
+    assert usage is not None and usage.completion_tokens >= 1
+
+
+def test_sse_wire_format_ends_with_done(url):
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3,
+                                                             "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_n_choices(client):
+    out = client.completions.create(model=MODEL, prompt="x =", max_tokens=8, temperature=1.0, n=3, seed=1)
+    assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) > 1
+
+
+def test_stop_strings(client):
+    free = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[5:7]
+    assert stop
+    out = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].text == free[: free.find(stop)] and out.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo_match_the_model(client, model_dir, tokenizer):
+    model = HavocModel.load_pretrained(model_dir)
+    prompt = tokenizer.encode("def add(a, b):\n    return a + b")
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None
+    assert out.choices[0].text.startswith(tokenizer.decode(prompt))
+    with torch.no_grad():
+        log_probs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    expected = log_probs[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(prompt)]), expected, atol=1e-4, rtol=0)
+    assert len(lp.top_logprobs[-1]) == 2
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    entry = chat.choices[0].logprobs.content[0]
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+
+
+def test_tokenize_detokenize_and_metrics(url, tokenizer):
+    ids = httpx.post(f"{url}/tokenize", json={"prompt": "héllo wörld"}).json()["tokens"]
+    assert ids == tokenizer.encode("héllo wörld")
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json()["prompt"] == "héllo wörld"
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("havoc_requests_total", "havoc_generated_tokens_total", "havoc_queue_depth",
+                 "havoc_time_to_first_token_seconds_bucket", "havoc_request_latency_seconds_bucket"):
+        assert name in metrics
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"max_tokens": -1}, "max_tokens", "max_tokens must be an integer >= 1"),
+    ({"max_tokens": 10**6}, "max_tokens", "+ max_tokens (1000000)"),
+    ({"temperature": 5}, "temperature", "temperature must be in [0, 2]"),
+    ({"model": "gpt-4"}, "model", "model 'gpt-4' is not served here"),
+    ({"prompt": ""}, "prompt", "prompt must not be empty"),
+    ({"prompt": [5, 99999]}, "prompt", "token id 99999 is outside the vocabulary"),
+    ({"prompt": "x" * 4000, "max_tokens": 1}, "max_tokens", "exceeds the context of 256 tokens"),
+])
+def test_invalid_fields_get_openai_errors(url, body, param, fragment):
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert fragment in error["message"]
+    _alive(url)
+
+
+def test_openai_client_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+
+
+def test_malformed_json_unknown_routes_and_methods(url):
+    r = httpx.post(f"{url}/v1/completions", content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    r = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    _alive(url)
+
+
+def test_api_key(model_dir):
+    proc, url = _start(model_dir, "--api-key", "sesame")
+    try:
+        _wait_ready(url)
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_health_is_503_until_the_model_loads(tmp_path):
+    (tmp_path / "config.json").write_text("{broken")  # never loads: /health says why, the API answers 503
+    proc, url = _start(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and "config.json" in r.json()["detail"]
+        assert httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _metric(url, name) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def _running(url) -> float:
+    return _metric(url, "havoc_running_sequences")
+
+
+def test_client_disconnect_frees_the_slot(tmp_path, tokenizer):
+    # A model big enough that 1000 tokens take seconds, so the stream is surely still running.
+    torch.manual_seed(0)
+    config = dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size)
+    HavocModel(config).save_pretrained(tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    proc, url = _start(tmp_path / "m")
+    try:
+        _wait_ready(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1000,
+                                                                 "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+            assert _running(url) == 1
+        deadline = time.monotonic() + 5
+        while _running(url) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _running(url) == 0
+        generated = _metric(url, "havoc_generated_tokens_total")
+        time.sleep(0.3)
+        assert _metric(url, "havoc_generated_tokens_total") == generated < 1000  # nothing more is generated
+        _alive(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_32_concurrent_streams_without_cross_talk(client, url):
+    prompts = [f"def function_{i}(x):" for i in range(32)]
+    expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0.8, seed=i).choices[0].text
+                for i, p in enumerate(prompts[:4])}
+
+    def stream(i):
+        chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0.8, seed=i,
+                                           stream=True)
+        return "".join(c.text for chunk in chunks for c in chunk.choices)
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, range(32)))
+    again = list(ThreadPoolExecutor(32).map(stream, range(32)))
+    assert results == again  # each stream depends on its own request only
+    for p, text in expected.items():
+        assert results[prompts.index(p)] == text
+    _alive(url)
