@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,18 @@ demo: $(STAMP)
 	rm -rf runs/quickstart
 	$(VENV)/bin/havoc quickstart --out runs/quickstart
 
-test: $(STAMP)
+# The chat-page test drives a real browser: Debian's chromium (Playwright never downloads one).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 	$(PY) test_smoke.py
 
 bench: $(STAMP)
 	mkdir -p runs/bench
 	$(VENV)/bin/havoc bench small --repeats 7 --json runs/bench/core.json --chart runs/bench/core.png
+	$(PY) benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

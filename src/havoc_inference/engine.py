@@ -81,19 +81,23 @@ class Sequence:
 class _SlotWrite:
     """The engine's StaticCache for one layer: writes the new keys/values into the slot rows."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: int | None, start: int, rows: torch.Tensor,
-                 positions: torch.Tensor):
-        self.k, self.v, self.slot, self.start, self.rows, self.positions = k, v, slot, start, rows, positions
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: int | None, start: int, positions: torch.Tensor):
+        self.k, self.v, self.slot, self.start, self.positions = k, v, slot, start, positions
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot is None:  # decode: one new position in every slot
-            self.k[self.rows, :, self.positions[:, 0]] = k[:, :, 0]
-            self.v[self.rows, :, self.positions[:, 0]] = v[:, :, 0]
+        if self.slot is None:  # decode: one new position in every slot given
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, self.positions[:, 0]] = k[:, :, 0]
+            self.v[rows, :, self.positions[:, 0]] = v[:, :, 0]
             return self.k, self.v
         end = self.start + k.shape[2]  # prefill: a chunk of one slot
         self.k[self.slot, :, self.start:end] = k[0]
         self.v[self.slot, :, self.start:end] = v[0]
         return self.k[self.slot : self.slot + 1], self.v[self.slot : self.slot + 1]
+
+
+# Up to this many rows the multiply-and-sum form wins; at 16 rows the BLAS call does (578 vs 440 tok/s measured).
+ROW_LINEAR_MAX_ROWS = 4
 
 
 class _RowLinear(TorchFunctionMode):
@@ -107,7 +111,7 @@ class _RowLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if func is F.linear and bias is None and args[0].numel() // args[0].shape[-1] <= 4:
+        if func is F.linear and bias is None and args[0].numel() // args[0].shape[-1] <= ROW_LINEAR_MAX_ROWS:
             x, weight = args[0], args[1]
             return (x.unsqueeze(-2) * weight).sum(-1)
         return func(*args, **kwargs)
@@ -128,7 +132,6 @@ class Engine:
         self.caches = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for _ in model.layers]
         self.key_positions = torch.arange(self.context + 1, device=device)
-        self.rows = torch.arange(slots, device=device)
         self.device = device
         self.decode_step = self._decode_step
         if compile and device.type == "cuda":
@@ -142,6 +145,19 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self._seeds = itertools.count(int(time.time_ns() % 2**31))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the decode step for every batch size it will meet, before the first request does."""
+        rows = 1
+        while True:
+            rows = min(rows, self.slots)
+            tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+            positions = torch.full((rows, 1), self.context, device=self.device)
+            self.decode_step(tokens, positions, [(k[:rows], v[:rows]) for k, v in self.caches])
+            if rows == self.slots:
+                return
+            rows *= 2
 
     # Requests.
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
@@ -248,7 +264,7 @@ class Engine:
         rope = model.rotary(positions.clamp(max=model.config.max_seq_len - 1))  # the spare column's rope is moot
         mask = (self.key_positions[None, None, :] <= positions[:, :, None])[:, None]
         for layer, (k, v) in zip(model.layers, caches):
-            x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, self.rows, positions))
+            x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, positions))
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
@@ -276,12 +292,16 @@ class Engine:
             self._accept(seq, logits[-1])
 
     def _decode(self, decoding: list[Sequence]) -> None:
-        tokens = torch.full((self.slots, 1), self.model.config.pad_token_id, device=self.device)
-        positions = torch.full((self.slots, 1), self.context, device=self.device)  # the spare column
+        # Decode the first `rows` slots only: the smallest power of two (capped at slots) that holds
+        # every busy slot. Slots are handed out lowest first, so one request decodes as batch 1;
+        # each size is one fixed shape, compiled once.
+        rows = min(self.slots, 1 << max(s.slot for s in decoding).bit_length())
+        tokens = torch.full((rows, 1), self.model.config.pad_token_id, device=self.device)
+        positions = torch.full((rows, 1), self.context, device=self.device)  # idle rows: the spare column
         for seq in decoding:
             tokens[seq.slot, 0] = seq.output_ids[-1]
             positions[seq.slot, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
-        logits = self.decode_step(tokens, positions, self.caches).float()
+        logits = self.decode_step(tokens, positions, [(k[:rows], v[:rows]) for k, v in self.caches]).float()
         for seq in decoding:
             self._accept(seq, logits[seq.slot])
 

@@ -144,6 +144,8 @@ class Server:
             try:
                 model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device)
                 engine = Engine(model, tok, slots=slots, context=context, compile=compile)
+                if compile:
+                    engine.warm_up()  # /health stays 503 until every batch size is compiled
                 engine.start()
                 self.engine = engine
             except Exception as e:  # reported by /health; the process stays up to say why

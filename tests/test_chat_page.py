@@ -1,0 +1,84 @@
+"""The chat page at / in a real headless Chromium (Debian's), driven by Playwright."""
+
+import dataclasses
+import shutil
+import time
+
+import httpx
+import pytest
+import torch
+from playwright.sync_api import sync_playwright
+
+from havoc_core.config import HavocConfig
+from havoc_core.model import HavocModel
+from test_server import MODEL, _metric, _start, _wait_ready
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine's probe starts it: root needs --no-sandbox; the rest keeps it off the closed network.
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, tokenizer):
+    # The small preset's size: slow enough on a CPU that a long reply can be stopped mid-way.
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("page") / "model"
+    config = dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size)
+    HavocModel(config).save_pretrained(directory)
+    tokenizer.save(directory)
+    proc, url = _start(directory)
+    _wait_ready(url)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def page(url, tmp_path):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page()
+        page.goto(url)
+        yield page
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        browser.close()
+
+
+def test_streams_a_reply_equal_to_the_api(page, url):
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "12")
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".assistant[data-done='true']", timeout=60_000)
+    assert page.text_content(".user") == "Hello there"
+    reply = page.text_content(".assistant")
+    api = httpx.post(f"{url}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12,
+        "temperature": 0, "top_p": 0.95}, timeout=60).json()
+    assert reply == api["choices"][0]["message"]["content"]
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+def test_stop_button_ends_the_reply_and_frees_the_slot(page, url):
+    page.fill("#max_tokens", "900")
+    page.fill("#input", "Write a long story.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.assistant') && document.querySelector('.assistant').textContent.length > 5",
+                           timeout=60_000)
+    assert page.is_enabled("#stop")
+    page.click("#stop")
+    page.wait_for_selector(".assistant[data-done='true']", timeout=10_000)
+    deadline = time.monotonic() + 5
+    while _metric(url, "havoc_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(url, "havoc_running_sequences") == 0
+    assert _metric(url, "havoc_generated_tokens_total") < 900
+
+
+def test_errors_are_shown(page):
+    page.fill("#temperature", "7")
+    page.fill("#input", "hi")
+    page.click("#send")
+    page.wait_for_selector(".error", timeout=30_000)
+    assert "temperature" in page.text_content(".error")
