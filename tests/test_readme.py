@@ -1,4 +1,4 @@
-"""The README's usage examples run as written."""
+"""The README's usage examples run as written (```python blocks; ```py blocks need a running server)."""
 
 import re
 from pathlib import Path
