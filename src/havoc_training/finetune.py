@@ -11,7 +11,7 @@ import torch
 
 from havoc_core.model.transformer import IGNORE_INDEX
 from havoc_core.tokenizer import HavocTokenizer
-from havoc_core.tokenizer.corpus import in_val_split
+from havoc_core.tokenizer.corpus import in_val_split, jsonl_records
 from havoc_training.data import SPLITS, EpochBatches
 
 
@@ -21,13 +21,7 @@ def read_chats(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
     if not path.is_file():
         raise FileNotFoundError(f"chat file {path} does not exist (fine-tuning takes a .jsonl of {{'messages': [...]}})")
     chats = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+    for number, record in jsonl_records(path, path.read_text(encoding="utf-8")):
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise ValueError(f"{path}:{number} needs a 'messages' list")
         chats.append((f"{path.name}:{number}", record["messages"]))

@@ -35,6 +35,17 @@ def in_val_split(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
+def jsonl_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON is named."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+
+
 @dataclass
 class Document:
     text: str
@@ -94,13 +105,7 @@ class Corpus:
             if text:
                 yield Document(text, source)
             return
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+        for number, record in jsonl_records(path, text):
             value = record.get(self.text_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise ValueError(f"{path}:{number} has no string field {self.text_field!r} (set --text-field)")
