@@ -126,6 +126,20 @@ def test_export_gives_the_trained_weights_and_tokenizer(config, tmp_path):
     assert HavocTokenizer.load(out).sha256 == trainer.tokenizer.sha256
 
 
+def test_activation_checkpointing_changes_memory_not_results(config, tmp_path):
+    plain = dataclasses.replace(config, out=str(tmp_path / "plain"), max_steps=4)
+    checkpointed = dataclasses.replace(plain, out=str(tmp_path / "ckpt"), activation_checkpointing=True)
+    Trainer(plain).train()
+    Trainer(checkpointed).train()
+    assert _losses(plain.out) == _losses(checkpointed.out)
+
+
+def test_resume_of_a_finished_run_says_so(config):
+    Trainer(dataclasses.replace(config, max_steps=4)).train()
+    with pytest.raises(ValueError, match="already at step 4 and max_steps is 4; raise max_steps"):
+        Trainer(dataclasses.replace(config, max_steps=4), resume=True).train()
+
+
 def test_config_files_and_overrides(tmp_path, config):
     (tmp_path / "c.toml").write_text(f'data = "{config.data}"\ntokenizer = "{config.tokenizer}"\nmax_steps = 7\n'
                                      '[model_overrides]\nnum_layers = 3\n')

@@ -134,6 +134,9 @@ class Trainer:
     # The loop.
     def train(self) -> dict:
         config = self.config
+        if self.step >= config.max_steps:
+            raise ValueError(f"nothing to do: {self.out} is already at step {self.step} and max_steps is "
+                             f"{config.max_steps}; raise max_steps to train further")
         tokens_per_step = config.global_batch_tokens
         flops_per_token = 6 * self.raw_model.num_parameters() + 12 * self.model_config.num_layers * \
             self.model_config.d_model * config.seq_len
@@ -174,7 +177,7 @@ class Trainer:
                 self.metrics.plot()
             bar.update(1)
         bar.close()
-        result = {"first_loss": first_loss, "last_loss": loss if config.max_steps > 0 else None, **summary,
+        result = {"first_loss": first_loss, "last_loss": loss, **summary,
                   "steps": self.step, "seconds": time.perf_counter() - start,
                   "checkpoint": str(checkpoints(self.out / "checkpoints")[-1])}
         self.metrics.close()
