@@ -211,6 +211,8 @@ def test_malformed_json_unknown_routes_and_methods(url):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.get(f"{url}/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'route="unmatched",status="404"' in metrics and "/v1/nothing" not in metrics
     r = httpx.get(f"{url}/v1/completions")
     assert r.status_code == 405 and "error" in r.json()
     r = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})

@@ -208,7 +208,9 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
-        server.requests.labels(request.url.path, str(response.status_code)).inc()
+        # The route's template, never the raw path: random URLs must not create new metric series.
+        route = request.scope.get("route")
+        server.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     async def authorize(request: Request) -> None:
