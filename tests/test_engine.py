@@ -148,3 +148,27 @@ def test_cancel_frees_the_slot(model, tokenizer):
     engine.cancel([seq])
     engine.step()
     assert not engine.running and seq.finish_reason == "cancelled"
+
+
+def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, slots=2)
+    engine.start()
+    try:
+        real = engine._prefill_chunk
+        calls = []
+
+        def broken_once(seq):
+            calls.append(seq)
+            if len(calls) == 1:
+                raise RuntimeError("simulated kernel failure")
+            return real(seq)
+
+        monkeypatch.setattr(engine, "_prefill_chunk", broken_once)
+        failed, = engine.submit(tokenizer.encode("x"), _greedy(5))
+        event = failed.events.get(timeout=30)
+        assert event.finish_reason == "error" and "simulated kernel failure" in event.error
+        assert not engine.running
+        ok, = engine.generate(tokenizer.encode("y"), _greedy(5))  # the loop is still alive
+        assert ok.finish_reason == "length" and len(ok.tokens) == 5
+    finally:
+        engine.stop()

@@ -305,3 +305,35 @@ def test_32_concurrent_streams_without_cross_talk(client, url):
     for p, text in expected.items():
         assert results[prompts.index(p)] == text
     _alive(url)
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(model_dir, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from havoc_inference.server import create_app
+
+    app = create_app(str(model_dir), model_name=MODEL, slots=2)
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        engine = app.app.state.server.engine
+        real = engine._prefill_chunk
+        failures = [1, 2]
+
+        def flaky(seq):
+            if failures:
+                failures.pop()
+                raise RuntimeError("simulated kernel failure")
+            return real(seq)
+
+        monkeypatch.setattr(engine, "_prefill_chunk", flaky)
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        assert "simulated kernel failure" in r.json()["error"]["message"]
+        lines = [line for line in http.post("/v1/completions", json={**body, "stream": True}).text.splitlines() if line]
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "server_error"
+        assert lines[-1] == "data: [DONE]"
+        assert http.post("/v1/completions", json=body).status_code == 200

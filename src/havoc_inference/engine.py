@@ -10,6 +10,7 @@ bounded by slots x context.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,9 @@ from torch.overrides import TorchFunctionMode
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_inference.sampling import SamplingParams, choose, process_logits
+
+
+logger = logging.getLogger(__name__)
 
 
 class ContextTooLong(ValueError):
@@ -44,7 +48,8 @@ class Event:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", or "error" (with `error` saying what failed)
+    error: str | None = None
 
 
 @dataclass
@@ -228,9 +233,23 @@ class Engine:
 
     def _loop(self) -> None:
         while not self.stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:  # one bad step must not stop the server: fail what it touched
+                logger.exception("engine step failed")
+                self._fail_running(f"{type(e).__name__}: {e}")
+                continue
+            if not busy:
                 self.wakeup.wait(timeout=0.5)
                 self.wakeup.clear()
+
+    def _fail_running(self, message: str) -> None:
+        with self.lock:
+            failed = list(self.running.values())
+            for seq in failed:
+                self._finish(seq, "error")
+        for seq in failed:
+            seq.notify(Event(text="", finish_reason="error", error=message))
 
     @torch.inference_mode()
     def step(self) -> bool:

@@ -337,6 +337,8 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
     if not body.stream:
         try:
             async for seq, event in updates():
+                if event.error is not None:
+                    raise APIError(500, f"generation failed: {event.error}", type="server_error", code="engine_error")
                 render.add(index[seq.id], event)
         finally:
             engine.cancel([s for s in sequences if s.finish_reason is None])
@@ -349,6 +351,11 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
             for chunk in render.stream_start():
                 yield f"data: {json.dumps(chunk)}\n\n"
             async for seq, event in updates():
+                if event.error is not None:  # OpenAI streams report a failure as an error object
+                    error = {"message": f"generation failed: {event.error}", "type": "server_error",
+                             "param": None, "code": "engine_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    break
                 for chunk in render.stream_event(index[seq.id], event):
                     yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
