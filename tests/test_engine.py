@@ -172,3 +172,20 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokeni
         assert ok.finish_reason == "length" and len(ok.tokens) == 5
     finally:
         engine.stop()
+
+
+def test_long_prompts_are_prefilled_in_chunks_without_stalling_running_streams(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=2, prefill_chunk=8)
+    running, = engine.submit(tokenizer.encode("x ="), _greedy(60))
+    engine.step()
+    engine.step()
+    long_prompt = tokenizer.encode("def f(a, b):\n    return a + b\n" * 12)[:120]
+    late, = engine.submit(long_prompt, _greedy(5))
+    for step in range(len(long_prompt) // 8):
+        before = len(running.output_ids)
+        engine.step()
+        assert len(running.output_ids) == before + 1  # a token every step while the prompt streams in
+        assert late.prefilled == min(8 * (step + 1), len(long_prompt))
+    # The cache holds slots x (context + 1) positions, fixed when the engine starts.
+    assert engine.caches[0][0].shape == (2, model.config.attention.num_kv_heads, engine.context + 1,
+                                         model.config.head_dim)

@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except ModuleNotFoundError as e:
+        print(f"havoc {args.command}: error: this needs the optional package {e.name!r}: "
+              "pip install 'havoc[eval]' (or 'havoc[dev]')", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, ArithmeticError) as e:
         # Expected errors (bad values, missing or unreadable files, a diverged run): one clear line, no traceback.
         print(f"havoc {args.command}: error: {e}", file=sys.stderr)
