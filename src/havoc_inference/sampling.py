@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from havoc_core.model.transformer import filter_logits
+
 
 @dataclass
 class SamplingParams:
@@ -67,19 +69,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
         logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
     if params.greedy:
         return logits
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if params.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+    return filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
