@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/havoc_lm_eval.pth"
 	touch $(STAMP)
 
-# The main job: tokenizer, data, ~5 minutes of training on this CPU, loss plot and samples.
+# The main job: tokenizer, data, ~4 minutes of training on a 2-core CPU, loss plot and samples.
 demo: $(STAMP)
 	rm -rf runs/quickstart
 	$(VENV)/bin/havoc quickstart --out runs/quickstart
