@@ -200,3 +200,23 @@ def test_no_disk_space_while_saving(config, monkeypatch):
         Trainer(config, resume=True).train()
     out = Path(config.out) / "checkpoints"
     assert [p.name for p in out.iterdir()] == ["step-000004"]  # no partial folder left
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['HAVOC_PWNED']}",))
+
+
+def test_crafted_checkpoint_metadata_never_runs_code(config, tmp_path, monkeypatch):
+    import pickle
+
+    Trainer(dataclasses.replace(config, max_steps=4)).train()
+    checkpoint = checkpoints(Path(config.out) / "checkpoints")[-1]
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("HAVOC_PWNED", str(marker))
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(ValueError, match="refusing checkpoint .*posix.system has no place in checkpoint metadata"):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    with pytest.raises(ValueError, match="refusing checkpoint"):
+        Trainer(dataclasses.replace(config, max_steps=8), resume=True)
+    assert not marker.exists()

@@ -9,6 +9,7 @@ previous checkpoint. The last `keep_last` are kept.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -37,6 +38,38 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+# torch.distributed.checkpoint reads its .metadata file with plain pickle. Before it does, the file
+# is unpickled here with only the classes such metadata holds, so a crafted checkpoint runs no code.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any of its dataclasses
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = _METADATA_GLOBALS.get(module, set())
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if allowed is None or name in allowed or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in checkpoint metadata")
+
+
+def _check_metadata(path: Path) -> None:
+    metadata = path / ".metadata"
+    try:
+        with open(metadata, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{metadata} is missing: {path} is not a complete checkpoint") from None
+    except Exception as e:
+        raise ValueError(f"refusing checkpoint {path}: its .metadata is not plain checkpoint metadata ({e})") from None
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -96,6 +129,7 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
                          f"number (now {world_size}) so that each rank continues its own data")
     model_state, optim_state = get_state_dict(model, optimizer)
     target = {"model": model_state, "optimizer": optim_state}
+    _check_metadata(path)
     dcp.load(target, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     rank = _rank()
@@ -119,6 +153,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     if "lora" in state:
         apply_lora(model, state["lora"]["rank"], state["lora"]["alpha"], state["lora"]["targets"])
     target = {"model": model.state_dict()}
+    _check_metadata(path)
     dcp.load(target, checkpoint_id=str(path))  # reshards: any number of writers, one reader
     model.load_state_dict(target["model"])
     if "lora" in state:
