@@ -27,6 +27,7 @@ chromium:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 test: $(STAMP) chromium
+	$(VENV)/bin/ruff check src tests benchmarks test_smoke.py
 	$(PY) -m pytest -q
 	$(PY) test_smoke.py
 

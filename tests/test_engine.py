@@ -51,8 +51,8 @@ def test_same_seed_same_output_also_under_concurrency(model, tokenizer):
     engine = Engine(model, tokenizer, slots=6)
     engine.start()
     try:
-        noise = [engine.submit(tokenizer.encode(f"noise {i}"), SamplingParams(max_tokens=30, temperature=1.0))
-                 for i in range(4)]
+        for i in range(4):  # other sampled requests running beside the seeded ones
+            engine.submit(tokenizer.encode(f"noise {i}"), SamplingParams(max_tokens=30, temperature=1.0))
         results = [None] * 3
 
         def run(i):

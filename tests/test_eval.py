@@ -12,7 +12,7 @@ import torch
 
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
-from havoc_eval.perplexity import perplexity, read_texts
+from havoc_eval.perplexity import perplexity
 from havoc_eval.scoring import rolling_windows
 
 TASKS = Path(__file__).resolve().parents[1] / "src" / "havoc_eval" / "tasks"

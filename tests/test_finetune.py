@@ -11,7 +11,7 @@ import torch
 from havoc_core.interop import havoc_to_hf
 from havoc_core.model import HavocModel
 from havoc_core.model.transformer import IGNORE_INDEX
-from havoc_training.checkpoint import checkpoints, export_checkpoint
+from havoc_training.checkpoint import export_checkpoint
 from havoc_training.config import TrainConfig
 from havoc_training.finetune import ChatLoader
 from havoc_training.lora import apply_lora, merge_lora

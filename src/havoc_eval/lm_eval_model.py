@@ -26,7 +26,7 @@ class HavocLM(LM):
         super().__init__()
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device:  # lm_eval's own default is cuda, also on machines without one
-                warnings.warn(f"device {device!r} is not available; evaluating on the CPU")
+                warnings.warn(f"device {device!r} is not available; evaluating on the CPU", stacklevel=2)
             device = "cpu"
         self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" falls back to 8

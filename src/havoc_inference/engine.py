@@ -255,7 +255,7 @@ class Engine:
     def step(self) -> bool:
         """Admit, prefill one chunk, decode one token everywhere. False when there was nothing to do."""
         with self.lock:
-            for slot, seq in list(self.running.items()):
+            for seq in list(self.running.values()):
                 if seq.cancelled:
                     self._finish(seq, "cancelled")
             free = [s for s in range(self.slots) if s not in self.running]

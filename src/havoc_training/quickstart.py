@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
