@@ -114,6 +114,17 @@ def test_finetune_from_a_hugging_face_llama_folder(config, base_model, tmp_path)
     assert summary["last_loss"] < summary["first_loss"]
 
 
+def test_tokenizer_defaults_to_the_one_beside_init_from(config, base_model, tokenizer, tmp_path):
+    import shutil
+
+    shutil.copytree(base_model, tmp_path / "exported")
+    tokenizer.save(tmp_path / "exported")
+    run = TrainConfig(data=config.data, init_from=str(tmp_path / "exported"), out=str(tmp_path / "ft"))
+    assert run.tokenizer == str(tmp_path / "exported")
+    with pytest.raises(ValueError, match="data and tokenizer are required"):
+        TrainConfig(data=config.data, init_from=str(base_model))  # no tokenizer beside this one
+
+
 # Bad input
 def test_finetune_needs_init_from(config):
     with pytest.raises(ValueError, match="fine-tuning needs init_from"):

@@ -21,7 +21,7 @@ from havoc_core.config import HavocConfig
 @dataclass
 class TrainConfig:
     data: str = ""  # train: a `havoc data prepare` folder; finetune: a chat .jsonl file
-    tokenizer: str = ""  # the tokenizer folder the data was prepared with
+    tokenizer: str = ""  # the tokenizer folder the data was prepared with (default: init_from's, if it has one)
     out: str = "runs/havoc"  # checkpoints, metrics, TensorBoard events, loss plot
     model: str = "small"  # a HavocConfig preset; vocab_size always comes from the tokenizer
     model_overrides: dict[str, Any] = field(default_factory=dict)  # HavocConfig fields, e.g. {"num_layers": 4}
@@ -53,6 +53,8 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
     def __post_init__(self) -> None:
+        if not self.tokenizer and self.init_from and (Path(self.init_from) / "tokenizer.json").exists():
+            self.tokenizer = self.init_from  # `havoc export` puts the tokenizer beside the model
         problems = []
         for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_batches",
                      "save_every", "keep_last", "log_every"):
