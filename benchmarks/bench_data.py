@@ -25,6 +25,7 @@ from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
 from havoc_core.tokenizer.corpus import in_val_split
+from havoc_eval.bench import markdown_table
 from havoc_training.data import TokenLoader, prepare
 
 
@@ -81,9 +82,7 @@ def main() -> None:
     rows.append(("loader next_batch (4x257)", f"{load * 1e3:.3f} ms", f"{100 * load / step:.3f}% of a {step * 1e3:.0f} ms train step (havoc_small, vocab {tokenizer.vocab_size})"))
 
     print(f"# {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | embedded corpus: {len(files)} files")
-    print("| measure | value | notes |\n|---|---:|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(["measure", "value", "notes"], rows))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from havoc_core.config import HavocConfig
 from havoc_core.interop import havoc_to_hf
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
+from havoc_eval.bench import markdown_table
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 
@@ -134,9 +135,7 @@ def main() -> None:
     del hf
     rows += server_load(tmp / "model")
     print(f"# {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | torch {torch.__version__}")
-    print("| benchmark | HAVOC | HF transformers | ratio |\n|---|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(["benchmark", "HAVOC", "HF transformers", "ratio"], rows))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers import LlamaForCausalLM
 
 from havoc_core.interop import havoc_to_hf
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
+from havoc_eval.bench import markdown_table
 from havoc_training.config import TrainConfig
 from havoc_training.data import prepare
 from havoc_training.trainer import Trainer, build_optimizer
@@ -76,9 +77,9 @@ def main() -> None:
           f"transformers {transformers.__version__}")
     print(f"# havoc_small shape, vocab {tokenizer.vocab_size}, fp32, 8x256 tokens per step, AdamW + clip, "
           f"medians of {args.repeats} alternating steps")
-    print("| benchmark | HAVOC Trainer | HF | HAVOC / HF |\n|---|---:|---:|---:|")
     label = "train step, compiled blocks" if args.compile else "train step"
-    print(f"| {label} (tok/s) | {havoc:,.0f} | {ref:,.0f} | {havoc / ref:.2f}x |")
+    print(markdown_table(["benchmark", "HAVOC Trainer", "HF", "HAVOC / HF"],
+                         [(f"{label} (tok/s)", f"{havoc:,.0f}", f"{ref:,.0f}", f"{havoc / ref:.2f}x")]))
 
 
 if __name__ == "__main__":

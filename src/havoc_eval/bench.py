@@ -106,17 +106,22 @@ def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", pre
             "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
 
 
+def markdown_table(header: list[str], rows: list[tuple]) -> str:
+    """A Markdown table (first column left-aligned, the others right-aligned), as RESULTS.md keeps them."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def table(result: dict) -> str:
     import transformers
 
-    lines = [
-        f"# {result['date']} | {result['machine']} | torch {torch.__version__} | transformers {transformers.__version__}",
+    title = (
+        f"# {result['date']} | {result['machine']} | torch {torch.__version__} | transformers {transformers.__version__}\n"
         f"# {result['model']} ({result['parameters'] / 1e6:.1f}M parameters), {result['dtype']}, medians of "
-        f"{result['repeats']} alternating runs",
-        "| benchmark | HAVOC | HF | HAVOC / HF |", "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {r['benchmark']} | {r['havoc']:,.1f} | {r['hf']:,.1f} | {r['ratio']:.2f}x |" for r in result["rows"]]
-    return "\n".join(lines)
+        f"{result['repeats']} alternating runs\n"
+    )
+    rows = [(r["benchmark"], f"{r['havoc']:,.1f}", f"{r['hf']:,.1f}", f"{r['ratio']:.2f}x") for r in result["rows"]]
+    return title + markdown_table(["benchmark", "HAVOC", "HF", "HAVOC / HF"], rows)
 
 
 def chart(result: dict, path: str | Path) -> None:
