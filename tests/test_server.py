@@ -336,3 +336,10 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(model_dir, monkeypatc
         assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "server_error"
         assert lines[-1] == "data: [DONE]"
         assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_every_sequence_records_its_time_to_first_token_once(client, url):
+    before = _metric(url, "havoc_time_to_first_token_seconds_count")
+    client.completions.create(model=MODEL, prompt="x", max_tokens=20, n=3, temperature=1.0, seed=3,
+                              extra_body={"ignore_eos": True})
+    assert _metric(url, "havoc_time_to_first_token_seconds_count") == before + 3

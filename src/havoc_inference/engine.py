@@ -287,8 +287,7 @@ class Engine:
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
-        # The caches come in as arguments, not through self: compiled with freezing, captured tensors
-        # would be folded into constants, and the caches must stay writable.
+        # The caches come in as arguments: each batch size passes views of its first rows.
         return self._forward(tokens, positions, caches, None, 0, all_logits=False)[:, 0]
 
     def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:

@@ -318,15 +318,15 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
     index = {seq.id: i for i, seq in enumerate(sequences)}
     server.prompt_tokens.inc(sum(len(p) for p in prompts) * body.n)
     response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-    render = _Render(engine, server.model_name, kind, response_id, params, prompts, body.n)
-    render.sequences = dict(enumerate(sequences))
+    render = _Render(engine, server.model_name, kind, response_id, params, sequences)
 
     async def updates():
         """(sequence, event) until every sequence has finished."""
-        open_ = len(sequences)
+        open_, answered = len(sequences), set()
         while open_:
             seq, event = await events.get()
-            if seq.first_token_at is not None and event.tokens and len(seq.output_ids) <= 1:
+            if seq.id not in answered and seq.first_token_at is not None:  # a failed one has no first token
+                answered.add(seq.id)
                 server.ttft.observe(seq.first_token_at - seq.submitted)
             server.generated_tokens.inc(len(event.tokens))
             if event.finish_reason is not None:
@@ -371,17 +371,15 @@ class _Render:
     """Builds OpenAI response bodies and stream chunks from engine events."""
 
     def __init__(self, engine: Engine, model: str, kind: str, response_id: str, params: SamplingParams,
-                 prompts: list[list[int]], n: int):
+                 sequences: list[Sequence]):
         self.tok, self.model, self.kind, self.id, self.params = engine.tokenizer, model, kind, response_id, params
-        self.prompts, self.n = prompts, n
+        self.sequences = sequences  # choice i is sequences[i]
         self.created = int(time.time())
-        count = len(prompts) * n
+        count = len(sequences)
         self.texts = [""] * count
         self.tokens: list[list[int]] = [[] for _ in range(count)]
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
         self.finish: list[str | None] = [None] * count
-        self.prompt_logprobs: list = [None] * count
-        self.sequences: dict[int, Sequence] = {}
 
     def add(self, i: int, event: Event) -> None:
         self.texts[i] += event.text
@@ -391,10 +389,10 @@ class _Render:
             self.finish[i] = event.finish_reason
 
     def _prompt(self, i: int) -> list[int]:
-        return self.prompts[i // self.n]
+        return self.sequences[i].prompt_ids
 
     def _usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts) * self.n
+        prompt = sum(len(seq.prompt_ids) for seq in self.sequences)
         completion = sum(len(t) for t in self.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -406,7 +404,7 @@ class _Render:
         tokens: list[int] = []
         if echo:
             prompt = self._prompt(i)
-            entries += self._echo_logprobs(i)
+            entries += self.sequences[i].prompt_logprobs  # the engine fills these for echo + logprobs
             tokens += prompt
         entries += logprobs
         tokens += [e.token for e in logprobs]
@@ -421,10 +419,6 @@ class _Render:
             "text_offset": text_offset,
         }
 
-    def _echo_logprobs(self, i: int) -> list[TokenLogprob | None]:
-        seq = self.sequences.get(i)
-        return list(seq.prompt_logprobs) if seq is not None and seq.prompt_logprobs is not None \
-            else [None] * len(self._prompt(i))
 
     def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> dict:
         def entry(token: int, logprob: float) -> dict:
