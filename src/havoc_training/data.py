@@ -161,7 +161,7 @@ class EpochBatches:
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.items_per_rank = num_items // world_size
         self.batches_per_epoch = self.items_per_rank // batch_size
-        self.epoch, self.position = 0, 0  # position: batches of this epoch already served
+        self.rewind()  # epoch, and position: the batches of this epoch already served
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def _rank_order(self) -> np.ndarray:
@@ -188,6 +188,10 @@ class EpochBatches:
     def __iter__(self):
         while True:
             yield self.next_batch()
+
+    def rewind(self) -> None:
+        """Back to the first batch of the first epoch."""
+        self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, **self._identity()}

@@ -72,16 +72,16 @@ class Trainer:
         self.tokenizer = HavocTokenizer.load(config.tokenizer)
         self.accumulation = config.accumulation_steps(self.world_size)
         self.loader = self._loader("train")
-        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        self.val_loader = self._loader("val", shuffle=False)  # the same first batches at every evaluation
         torch.manual_seed(config.seed)
         if config.init_from:
             model = _load_init(config.init_from, self.device)
             check_vocab(model.config, self.tokenizer, config.init_from)
-            self.model_config = model.config
             model.train()
         else:
             with torch.device(self.device):
-                model = HavocModel(self.model_config)
+                model = HavocModel(config.model_config(self.tokenizer.vocab_size))
+        self.model_config = model.config
         if config.lora_rank:
             apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.raw_model = model
@@ -206,7 +206,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean loss and bits-per-byte on the first eval_batches batches of the validation split."""
         self.model.eval()
-        val = self._loader("val", shuffle=False)
+        val = self.val_loader
+        val.rewind()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
         for _ in range(min(self.config.eval_batches, val.batches_per_epoch)):
             inputs, targets = (t.to(self.device) for t in val.next_batch())
