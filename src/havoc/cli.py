@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, overrides_from(args))
     summary = Trainer(config, resume=args.resume, chat=args.command == "finetune").train()
-    if summary and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
 
 
@@ -186,17 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--skip-special-tokens", action="store_true")
     decode.set_defaults(func=_tokenizer_decode)
 
-    train = commands.add_parser("train", help="pretrain a model (one process, or many under torchrun)")
-    train.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
-    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
-    add_override_flags(train)
-    train.set_defaults(func=_train)
-
-    finetune = commands.add_parser("finetune", help="supervised fine-tuning on chat JSONL (optionally LoRA)")
-    finetune.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
-    finetune.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
-    add_override_flags(finetune)
-    finetune.set_defaults(func=_train)
+    for name, description in (("train", "pretrain a model (one process, or many under torchrun)"),
+                              ("finetune", "supervised fine-tuning on chat JSONL (optionally LoRA)")):
+        run = commands.add_parser(name, help=description)
+        run.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
+        run.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
+        add_override_flags(run)
+        run.set_defaults(func=_train)
 
     export = commands.add_parser("export", help="write a training checkpoint as a save_pretrained folder")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/havoc/checkpoints/step-001000")

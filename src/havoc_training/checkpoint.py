@@ -120,8 +120,8 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
     state = json.loads((path / STATE_FILE).read_text())
     saved = HavocConfig.from_dict(state["model_config"])
     if saved != model_config:
-        diffs = [f"{k}: checkpoint {v!r}, now {model_config.to_dict()[k]!r}"
-                 for k, v in saved.to_dict().items() if model_config.to_dict()[k] != v]
+        now = model_config.to_dict()
+        diffs = [f"{k}: checkpoint {v!r}, now {now[k]!r}" for k, v in saved.to_dict().items() if now[k] != v]
         raise ValueError(f"checkpoint {path} is of another model shape ({'; '.join(diffs)})")
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if state["world_size"] != world_size:
