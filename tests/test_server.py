@@ -343,3 +343,13 @@ def test_every_sequence_records_its_time_to_first_token_once(client, url):
     client.completions.create(model=MODEL, prompt="x", max_tokens=20, n=3, temperature=1.0, seed=3,
                               extra_body={"ignore_eos": True})
     assert _metric(url, "havoc_time_to_first_token_seconds_count") == before + 3
+
+
+def test_oversized_chunked_body_without_content_length(url):
+    def body():  # chunked transfer encoding: the limit must be enforced while reading
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = httpx.post(f"{url}/v1/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    _alive(url)

@@ -94,7 +94,11 @@ class DetokenizeRequest(BaseModel):
 
 
 class _BodyLimit:
-    """Refuses request bodies over `limit` bytes (413), counting the bytes as they arrive."""
+    """Refuses request bodies over `limit` bytes with 413, also when they come chunked, without a length.
+
+    The body is read here, up to the limit, and replayed to the app: FastAPI would turn an error
+    raised while it reads the body into a generic 400.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -102,22 +106,32 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
         too_large = _error_response(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
                                     code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and int(declared) > self.limit:
             return await too_large(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise APIError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
-            return message
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: disconnect notices, which streaming responses watch
+
+        await self.app(scope, replay, send)
 
 
 class Server:
