@@ -57,6 +57,8 @@ def test_head_dim_is_derived_not_a_field():
         ({"num_layers": -1}, "num_layers"),
         ({"mlp": MLPConfig(0)}, "mlp.hidden_dim"),
         ({"eos_token_id": 8192}, "eos_token_id"),
+        ({"eos_token_id": [2, 8192]}, "eos_token_id"),
+        ({"eos_token_id": []}, "eos_token_id"),
         ({"pad_token_id": -1}, "pad_token_id"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from havoc_core.config import AttentionConfig, HavocConfig
 from havoc_core.interop import havoc_to_hf, hf_to_havoc
@@ -92,6 +92,40 @@ def test_greedy_generation_matches_hf(tmp_path):
     prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))
     expected = theirs.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, max_new_tokens=40, eos_token_id=None), expected)
+
+
+def test_several_eos_ids_survive_both_conversions(tmp_path):
+    # Llama-3-Instruct lists <|end_of_text|> and <|eot_id|>; generation must stop on either.
+    theirs = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=[2, 9]))
+    theirs.save_pretrained(tmp_path / "hf")
+    hf_to_havoc(tmp_path / "hf", tmp_path / "havoc")
+    assert HavocModel.load_pretrained(tmp_path / "havoc").config.eos_token_ids == [2, 9]
+    havoc_to_hf(tmp_path / "havoc", tmp_path / "back")
+    assert AutoConfig.from_pretrained(tmp_path / "back").eos_token_id == [2, 9]
+
+
+def test_havoc_to_hf_folder_works_alone(tmp_path, tokenizer):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from havoc.cli import main
+
+    ours = HavocModel(dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size))
+    ours.save_pretrained(tmp_path / "havoc")
+    tokenizer.save(tmp_path / "havoc")
+    assert main(["convert", "havoc-to-hf", str(tmp_path / "havoc"), str(tmp_path / "hf")]) == 0
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer("def f(x):")["input_ids"] == tokenizer.encode("def f(x):")
+    generation = GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+    # Fine-tuning starts from the converted folder with the tokenizer found beside it.
+    from havoc_training.config import TrainConfig
+
+    assert TrainConfig(data="chats.jsonl", init_from=str(tmp_path / "hf")).tokenizer == str(tmp_path / "hf")
+    with pytest.raises(ValueError, match="vocab_size 256, the tokenizer 1000"):
+        tiny = HavocModel(HavocConfig.havoc_tiny())
+        tiny.save_pretrained(tmp_path / "mismatch")
+        havoc_to_hf(tmp_path / "mismatch", tmp_path / "hf2", tokenizer=tmp_path / "havoc")
 
 
 def test_round_trip_is_lossless(tmp_path):

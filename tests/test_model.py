@@ -117,14 +117,27 @@ def test_loss_with_nothing_to_score_is_zero_not_nan(model, ids):
 
 
 # 7. Padding
-def test_loss_ignores_padding(config, model, ids):
+def test_loss_ignores_padding_by_position(config, model, ids):
     row = ids[:1, :10]
-    padded = torch.cat((row, torch.full((1, 6), config.pad_token_id)), dim=1)
     alone, _ = model.compute_loss(row)
-    assert torch.allclose(model.compute_loss(padded)[0], alone, atol=1e-6)
     mask = torch.cat((torch.ones(1, 10), torch.zeros(1, 6)), dim=1).long()
     junk = torch.cat((row, ids[:1, :6]), dim=1)  # padding slots holding real ids, masked out
     assert torch.allclose(model.compute_loss(junk, attention_mask=mask)[0], alone, atol=1e-6)
+    labels = junk.clone()
+    labels[:, 10:] = -100
+    assert torch.allclose(model.compute_loss(junk, labels=labels)[0], alone, atol=1e-6)
+
+
+def test_eos_is_learnt_when_it_shares_the_pad_id(config, ids):
+    # Imported HF configs often have pad == eos: a loss that masked by id would never teach EOS.
+    shared = dataclasses.replace(config, pad_token_id=2, eos_token_id=2)
+    torch.manual_seed(0)
+    model = HavocModel(shared)
+    row = ids[:1, :12].clone()
+    row[0, 6] = 2
+    loss, logits = model.compute_loss(row)
+    expected = F.cross_entropy(logits[0, :-1], row[0, 1:])  # every target, the eos one included
+    torch.testing.assert_close(loss, expected)
 
 
 @torch.no_grad()
@@ -138,6 +151,24 @@ def test_left_padded_batch_matches_each_row_alone(config, model, ids):
     torch.testing.assert_close(logits[0, 11:], model(short[None]).logits[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits[1], model(long[None]).logits[0], rtol=0, atol=1e-5)
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_cached_decoding_of_a_left_padded_batch_equals_the_full_masked_forward(config, model, ids):
+    # Row 0 is left-padded by 5; each cached step's logits must equal a full forward with the mask.
+    batch = ids[:, :12].clone()
+    batch[0, :5] = config.pad_token_id
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    logits, past_kv = model(batch, attention_mask=mask, use_cache=True)
+    tokens, steps = batch, []
+    for _ in range(6):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens, mask = torch.cat((tokens, nxt), 1), torch.cat((mask, torch.ones_like(nxt)), 1)
+        logits, past_kv = model(nxt, attention_mask=mask, past_kv=past_kv, use_cache=True)
+        steps.append(logits[:, -1])
+    full = model(tokens, attention_mask=mask).logits[:, -6:]
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
 
 
 # 8. Generation
@@ -170,6 +201,38 @@ def test_generate_defaults_to_config_eos(config, ids):
     out = model.generate(ids[:1, :4], max_new_tokens=8)
     assert out.tolist() == [ids[0, :4].tolist() + [config.eos_token_id]]
     assert model.generate(ids[:1, :4], max_new_tokens=8, eos_token_id=None).shape == (1, 12)
+
+
+def test_generate_stops_at_any_of_several_eos_ids(config, ids):
+    torch.manual_seed(0)
+    model = HavocModel(dataclasses.replace(config, eos_token_id=[2, 9])).eval()
+    with torch.no_grad():  # make the second EOS id the certain greedy choice
+        model.lm_head.weight[9] = model.norm.weight.sign() * 10
+    assert model.generate(ids[:1, :4], max_new_tokens=8).tolist() == [ids[0, :4].tolist() + [9]]
+    assert model.generate(ids[:1, :4], max_new_tokens=8, eos_token_id=[9]).shape == (1, 5)
+    assert model.generate(ids[:1, :4], max_new_tokens=8, eos_token_id=2).shape == (1, 12)
+
+
+def test_generate_computes_logits_for_the_last_position_only(model, ids):
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    model.generate(ids[:, :20], max_new_tokens=4, eos_token_id=None)
+    assert rows == [1, 1, 1, 1]  # the 20-token prompt included
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    from havoc_core.model.transformer import filter_logits
+
+    def survivors(probs, top_p):
+        return torch.isfinite(filter_logits(torch.tensor(probs).log(), top_p=top_p)).nonzero().flatten().tolist()
+
+    # The smallest set of the most likely tokens whose probability reaches top_p.
+    assert survivors([0.5, 0.25, 0.25], 0.5) == [0]
+    assert survivors([0.5, 0.3, 0.2], 0.8) == [0, 1]
+    assert survivors([0.5, 0.3, 0.2], 0.81) == [0, 1, 2]
+    assert survivors([0.1, 0.2, 0.3, 0.4], 0.7) == [2, 3]
+    assert survivors([0.1, 0.2, 0.3, 0.4], 0.71) == [1, 2, 3]
+    assert survivors([0.9, 0.05, 0.05], 0.1) == [0]
 
 
 def test_generate_sampling_options(model, ids):
@@ -207,8 +270,24 @@ def test_tied_matrix_stored_once(tmp_path, model):
 def test_load_with_dtype(tmp_path, model, ids):
     model.save_pretrained(tmp_path)
     loaded = HavocModel.load_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert loaded.embed_tokens.weight.dtype == torch.bfloat16
-    assert loaded(ids).logits.dtype == torch.bfloat16
+    for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs.to(torch.bfloat16)), name
+    logits = loaded(ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model(ids).logits, rtol=0, atol=0.05)
+    assert (logits.float().argmax(-1) == model(ids).logits.argmax(-1)).float().mean() > 0.9
+
+
+def test_rms_norm_follows_its_formula():
+    from havoc_core.model.blocks import RMSNorm
+
+    norm = RMSNorm(8, eps=0.5)  # a large eps: misplacing it changes the result visibly
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 0.3
+    expected = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 0.5)
+    torch.testing.assert_close(norm(x), expected)
+    torch.testing.assert_close(norm(x.to(torch.bfloat16)).float(), expected, rtol=0.02, atol=0.02)
 
 
 # 11. Gradient flow

@@ -14,8 +14,14 @@ from havoc_training.config import add_override_flags
 def _convert(args: argparse.Namespace) -> None:
     from havoc_core.interop import havoc_to_hf, hf_to_havoc
 
-    convert = havoc_to_hf if args.direction == "havoc-to-hf" else hf_to_havoc
-    print(f"wrote {convert(args.src, args.dst)}")
+    if args.direction == "havoc-to-hf":
+        out = havoc_to_hf(args.src, args.dst, tokenizer=args.tokenizer)
+        if not (out / "tokenizer.json").exists():
+            print(f"note: {args.src} has no tokenizer beside it, so {out} has none either (pass --tokenizer)",
+                  file=sys.stderr)
+    else:
+        out = hf_to_havoc(args.src, args.dst)
+    print(f"wrote {out}")
 
 
 def _corpus(args: argparse.Namespace):
@@ -165,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=["havoc-to-hf", "hf-to-havoc"])
     convert.add_argument("src", help="checkpoint directory to read")
     convert.add_argument("dst", help="new directory to write (must not exist or be empty)")
+    convert.add_argument("--tokenizer", help="havoc-to-hf: the tokenizer to write beside the model "
+                                             "(default: the one in src)")
     convert.set_defaults(func=_convert)
 
     tokenizer = commands.add_parser("tokenizer", help="train and try the byte-level BPE tokenizer")

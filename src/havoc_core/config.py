@@ -38,7 +38,7 @@ class HavocConfig:
     tie_word_embeddings: bool = True
     pad_token_id: int = 0
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | list[int] = 2  # several ids as in HF configs (e.g. Llama-3-Instruct); any one ends a reply
 
     def __post_init__(self) -> None:
         # Nested sections given as plain dicts (from JSON or by hand) become their dataclasses.
@@ -78,16 +78,24 @@ class HavocConfig:
             problems.append(
                 f"attention.num_kv_heads ({kv_heads}) must divide attention.num_heads ({heads})"
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                problems.append(f"{name} ({value!r}) must be an id in [0, vocab_size={self.vocab_size})")
+        ids = {"pad_token_id": [self.pad_token_id], "bos_token_id": [self.bos_token_id],
+               "eos_token_id": self.eos_token_ids}
+        for name, values in ids.items():
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size
+                                 for v in values):
+                problems.append(f"{name} ({getattr(self, name)!r}) must be an id (or, for eos_token_id, a non-empty "
+                                f"list of ids) in [0, vocab_size={self.vocab_size})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout ({self.dropout}) must be in [0, 1)")
         for name in ("initializer_range", "rope_theta", "rms_norm_eps"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         return problems
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a sequence."""
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
 
     @property
     def head_dim(self) -> int:

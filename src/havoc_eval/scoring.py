@@ -29,31 +29,58 @@ def rolling_windows(tokens: Sequence[int], context: int, stride: int) -> Iterato
             return
 
 
+# Rows of hidden states turned into log-probabilities at once: 1024 x 70000 fp32 is 290 MB,
+# where a whole batch (8 x 4095 x 70000) would be 9 GB.
+LOGIT_ROWS = 1024
+
+
 @torch.inference_mode()
 def score(
     model: HavocModel, sequences: Sequence[tuple[Sequence[int], int]], batch_size: int, progress=None
 ) -> list[tuple[float, bool, list[int]]]:
     """For each (tokens, n_scored): the sum of log-probabilities of its last n_scored tokens, whether
-    each was the greedy choice, and the scored targets. Batched, longest first, right-padded."""
+    each was the greedy choice, and the scored targets. Batched, longest first, right-padded; the
+    LM head runs on the scored positions only, LOGIT_ROWS at a time."""
     device = model.embed_tokens.weight.device
+    for tokens, n_scored in sequences:
+        if not 0 <= n_scored < len(tokens):
+            raise ValueError(f"cannot score the last {n_scored} of {len(tokens)} tokens: the first has no context")
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     results: list = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = len(sequences[chunk[0]][0]) - 1
-        inputs = torch.full((len(chunk), width), model.config.pad_token_id, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            tokens = sequences[i][0]
-            inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-        # Right padding needs no mask: causal attention never looks at later positions.
-        log_probs = model(inputs.to(device)).logits.float().log_softmax(dim=-1)
-        for row, i in enumerate(chunk):
-            tokens, n_scored = sequences[i]
-            end = len(tokens) - 1
-            targets = torch.tensor(tokens[-n_scored:], device=device)
-            scores = log_probs[row, end - n_scored : end]
-            picked = scores.gather(-1, targets[:, None]).squeeze(-1)
-            results[i] = (picked.double().sum().item(), bool((scores.argmax(-1) == targets).all()), list(tokens[-n_scored:]))
+        chunk = [i for i in order[start : start + batch_size] if sequences[i][1] > 0]
+        for i in order[start : start + batch_size]:
+            if sequences[i][1] == 0:  # an empty continuation: log 1, trivially greedy
+                results[i] = (0.0, True, [])
+        if chunk:
+            _score_batch(model, [sequences[i] for i in chunk], chunk, results, device)
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(order[start : start + batch_size]))
     return results
+
+
+def _score_batch(model: HavocModel, batch, indices, results, device) -> None:
+    width = len(batch[0][0]) - 1
+    inputs = torch.full((len(batch), width), model.config.pad_token_id, dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, (tokens, n_scored) in enumerate(batch):
+        inputs[row, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+        end = len(tokens) - 1
+        rows += [row] * n_scored
+        positions += range(end - n_scored, end)
+        targets += tokens[-n_scored:]
+    # Right padding needs no mask: causal attention never looks at later positions.
+    hidden = model.hidden_states(inputs.to(device))[torch.tensor(rows), torch.tensor(positions)]
+    targets_t = torch.tensor(targets, device=device)
+    picked, greedy = [], []
+    for begin in range(0, len(targets), LOGIT_ROWS):
+        log_probs = model.lm_head(hidden[begin : begin + LOGIT_ROWS]).float().log_softmax(-1)
+        wanted = targets_t[begin : begin + LOGIT_ROWS]
+        picked.append(log_probs.gather(-1, wanted[:, None]).squeeze(-1))
+        greedy.append(log_probs.argmax(-1) == wanted)
+    picked_all, greedy_all = torch.cat(picked).double(), torch.cat(greedy)
+    begin = 0
+    for i, (tokens, n_scored) in zip(indices, batch):
+        span = slice(begin, begin + n_scored)
+        results[i] = (picked_all[span].sum().item(), bool(greedy_all[span].all()), list(tokens[-n_scored:]))
+        begin += n_scored

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,9 +18,12 @@ from safetensors.torch import load_file, save_file
 from havoc_core.atomic import atomic_directory
 from havoc_core.config import AttentionConfig, HavocConfig, MLPConfig
 from havoc_core.model.transformer import CONFIG_NAME, SAFETENSORS_NAME, load_weights
+from havoc_core.pretrained import check_vocab
+from havoc_core.tokenizer.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HavocTokenizer
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 HF_PYTORCH_NAME = "pytorch_model.bin"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 # HAVOC name -> HF name, per layer and for the rest of the model.
 _LAYER_NAMES = {
@@ -111,9 +115,11 @@ def havoc_config_from_hf(hf: dict, source: Path) -> HavocConfig:
 
     def token_id(key: str, default: int) -> int:
         value = hf.get(key)
-        if isinstance(value, list):  # some configs list several eos ids; HAVOC stops on the first
-            value = value[0] if value else None
         return default if value is None else int(value)
+
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):  # several ids (e.g. Llama-3-Instruct's <|eot_id|>): keep them all
+        eos = [int(i) for i in eos] if len(eos) > 1 else (int(eos[0]) if eos else None)
 
     try:
         return HavocConfig(
@@ -126,16 +132,23 @@ def havoc_config_from_hf(hf: dict, source: Path) -> HavocConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             pad_token_id=token_id("pad_token_id", 0),
             bos_token_id=token_id("bos_token_id", 1),
-            eos_token_id=token_id("eos_token_id", 2),
+            eos_token_id=2 if eos is None else eos if isinstance(eos, list) else int(eos),
         )
     except ValueError as e:
         raise refuse(str(e)) from None
 
 
-def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write HAVOC checkpoint `src` as a directory that AutoModelForCausalLM loads as LlamaForCausalLM."""
+def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
+    """Write HAVOC checkpoint `src` as a directory that AutoModelForCausalLM loads as LlamaForCausalLM.
+
+    The tokenizer (`tokenizer`, or the one beside `src`) and a generation_config.json go with it,
+    so AutoTokenizer and `generate` work on the folder alone.
+    """
     src = Path(src)
     config = HavocConfig.load(src / CONFIG_NAME)
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else src
+    if tokenizer is not None and not (tokenizer_dir / TOKENIZER_FILE).exists():
+        raise FileNotFoundError(f"{tokenizer_dir / TOKENIZER_FILE} does not exist")
     state, weights_file = load_weights(src)
     names = weight_names(config)
     _check_names(state, set(names), weights_file, optional=set())
@@ -145,6 +158,13 @@ def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_directory(dst) as out:
         save_file(hf_state, out / SAFETENSORS_NAME, metadata={"format": "pt"})
         (out / CONFIG_NAME).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      "pad_token_id": config.pad_token_id}
+        (out / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
+        if (tokenizer_dir / TOKENIZER_FILE).exists():
+            check_vocab(config, HavocTokenizer.load(tokenizer_dir), src)
+            for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+                shutil.copy(tokenizer_dir / name, out / name)
     return Path(dst)
 
 

@@ -74,13 +74,26 @@ class HavocModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_kv: list[KVCache] | None = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """Logits [batch, seq, vocab] for `input_ids` [batch, seq].
 
         `attention_mask` (1 = token, 0 = padding) covers the cached tokens and the new ones,
         [batch, past + seq]. Positions count each row's real tokens, so a left-padded row gives
-        the same logits as that row alone.
+        the same logits as that row alone. `logits_to_keep` > 0 computes the logits of the last
+        that many positions only (generation needs one; the LM head is the widest matrix).
         """
+        x, new_kv = self._decode(input_ids, attention_mask, past_kv)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return CausalLMOutput(logits, new_kv if use_cache else None)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states [batch, seq, d_model] that the LM head turns into logits."""
+        return self._decode(input_ids, attention_mask, None)[0]
+
+    def _decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_kv: list[KVCache] | None
+    ) -> tuple[torch.Tensor, list[KVCache]]:
         batch, seq = self._check_input_ids(input_ids)
         past_len = past_kv[0][0].shape[2] if past_kv else 0
         if past_kv is not None and len(past_kv) != len(self.layers):
@@ -110,8 +123,7 @@ class HavocModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, rope, mask, past_kv[i] if past_kv else None)
             new_kv.append(kv)
-        logits = self.lm_head(self.norm(x))
-        return CausalLMOutput(logits, new_kv if use_cache else None)
+        return self.norm(x), new_kv
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor):
@@ -160,15 +172,16 @@ class HavocModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy and the logits.
 
-        Token t predicts label t+1. Labels default to `input_ids`; labels equal to -100 or
-        pad_token_id, and positions where `attention_mask` is 0, are ignored. With no label left
-        the loss is 0 (not NaN), so a fully masked micro-batch cannot poison training.
+        Token t predicts label t+1. Labels default to `input_ids`; labels equal to -100 and
+        positions where `attention_mask` is 0 are ignored. Masking goes by position, never by
+        token id: many configs share one id between pad and eos, and eos must still be learnt.
+        With no label left the loss is 0 (not NaN), so a fully masked micro-batch cannot poison training.
         """
         logits = self(input_ids, attention_mask=attention_mask).logits
         labels = input_ids if labels is None else labels
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
-        ignore = (labels == IGNORE_INDEX) | (labels == self.config.pad_token_id)
+        ignore = labels == IGNORE_INDEX
         if attention_mask is not None:
             ignore |= attention_mask == 0
         targets = labels.masked_fill(ignore, IGNORE_INDEX)[:, 1:]
@@ -186,7 +199,7 @@ class HavocModel(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = _CONFIG_EOS,  # type: ignore[assignment]
+        eos_token_id: int | list[int] | None = _CONFIG_EOS,  # type: ignore[assignment]
         seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -194,11 +207,11 @@ class HavocModel(nn.Module):
 
         `prompt_ids` is a [batch, seq] tensor (left-padded, with `attention_mask`) or a list of
         id lists of any lengths, which are left-padded here. temperature 0 is greedy. A row stops
-        at EOS (later positions hold pad_token_id); `eos_token_id=None` generates exactly
-        `max_new_tokens`. `seed` makes sampling reproducible.
+        at an EOS id, any of the config's by default (later positions hold pad_token_id);
+        `eos_token_id=None` generates exactly `max_new_tokens`. `seed` makes sampling reproducible.
         """
         if eos_token_id is _CONFIG_EOS:
-            eos_token_id = self.config.eos_token_id
+            eos_token_id = self.config.eos_token_ids
         device = self.embed_tokens.weight.device
         if isinstance(prompt_ids, (list, tuple)):
             prompt_ids, attention_mask = self._left_pad(prompt_ids, device)
@@ -217,15 +230,16 @@ class HavocModel(nn.Module):
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        logits, past_kv = self(prompt_ids, attention_mask=attention_mask, use_cache=True)
+        stop_ids = None if eos_token_id is None else torch.tensor(eos_token_id, device=device).reshape(-1)
+        logits, past_kv = self(prompt_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens = []
         for step in range(max_new_tokens):
             token = sample(logits[:, -1], temperature, top_k, top_p, generator)
             token = token.masked_fill(finished, self.config.pad_token_id)
             new_tokens.append(token)
-            if eos_token_id is not None:
-                finished |= token == eos_token_id
+            if stop_ids is not None:
+                finished |= torch.isin(token, stop_ids)
                 if bool(finished.all()):
                     break
             if step == max_new_tokens - 1:
