@@ -1,6 +1,7 @@
 """The chat page at / in a real headless Chromium (Debian's), driven by Playwright."""
 
 import dataclasses
+import json
 import shutil
 import time
 
@@ -76,9 +77,45 @@ def test_stop_button_ends_the_reply_and_frees_the_slot(page, url):
     assert _metric(url, "havoc_generated_tokens_total") < 900
 
 
-def test_errors_are_shown(page):
+def _sent_messages(page):
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    return bodies
+
+
+def test_errors_are_shown_and_leave_no_dangling_turn(page):
+    sent = _sent_messages(page)
     page.fill("#temperature", "7")
     page.fill("#input", "hi")
     page.click("#send")
     page.wait_for_selector(".error", timeout=30_000)
     assert "temperature" in page.text_content(".error")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "3")
+    page.fill("#input", "second try")
+    page.click("#send")
+    page.wait_for_selector(".assistant[data-done='true']:not(.error)", timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": "second try"}]
+
+
+def test_an_error_inside_the_stream_is_shown(page):
+    # A server whose generation fails after the stream began sends an error object, then [DONE].
+    error = {"error": {"message": "generation failed: simulated", "type": "server_error", "param": None,
+                       "code": "engine_error"}}
+    start = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "par"}, "finish_reason": None}]}
+    body = f"data: {json.dumps(start)}\n\ndata: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=body))
+    sent = _sent_messages(page)
+    page.fill("#input", "hi")
+    page.click("#send")
+    page.wait_for_selector(".error", timeout=30_000)
+    assert page.text_content(".error") == "generation failed: simulated"
+    page.unroute("**/v1/chat/completions")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "3")
+    page.fill("#input", "again")
+    page.click("#send")
+    page.wait_for_selector(".assistant[data-done='true']:not(.error)", timeout=60_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": "again"}]  # no half reply, no dangling "hi"

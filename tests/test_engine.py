@@ -8,7 +8,7 @@ import torch
 
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
-from havoc_inference.engine import ContextTooLong, Engine
+from havoc_inference.engine import ContextTooLong, Draining, Engine, QueueFull
 from havoc_inference.sampling import InvalidParameter, SamplingParams, process_logits
 
 
@@ -38,7 +38,7 @@ def test_concurrent_sequences_do_not_disturb_each_other(model, tokenizer):
     prompts = [tokenizer.encode(f"value_{i} = {i} * x") for i in range(6)]
     alone = [Engine(model, tokenizer, slots=1).generate(p, _greedy(20))[0].tokens for p in prompts]
     engine = Engine(model, tokenizer, slots=4, prefill_chunk=3)  # 6 requests, 4 slots: some wait, all interleave
-    sequences = [engine.submit(p, _greedy(20))[0] for p in prompts]
+    sequences = [engine.submit([p], _greedy(20))[0] for p in prompts]
     while any(s.finish_reason is None for s in sequences):
         engine.step()
     assert [engine._collect(s).tokens for s in sequences] == alone
@@ -52,7 +52,7 @@ def test_same_seed_same_output_also_under_concurrency(model, tokenizer):
     engine.start()
     try:
         for i in range(4):  # other sampled requests running beside the seeded ones
-            engine.submit(tokenizer.encode(f"noise {i}"), SamplingParams(max_tokens=30, temperature=1.0))
+            engine.submit([tokenizer.encode(f"noise {i}")], SamplingParams(max_tokens=30, temperature=1.0))
         results = [None] * 3
 
         def run(i):
@@ -129,11 +129,11 @@ def test_penalties_and_min_p():
 def test_bad_requests(model, tokenizer):
     engine = Engine(model, tokenizer, slots=1, context=64)
     with pytest.raises(ContextTooLong, match=r"prompt \(10 tokens\) \+ max_tokens \(60\) = 70 exceeds the context of 64"):
-        engine.submit([7] * 10, SamplingParams(max_tokens=60))
+        engine.submit([[7] * 10], SamplingParams(max_tokens=60))
     with pytest.raises(ValueError, match=r"token id 1000 is outside the vocabulary \[0, 1000\)"):
-        engine.submit([5, 1000], SamplingParams())
+        engine.submit([[5, 1000]], SamplingParams())
     with pytest.raises(ValueError, match="prompt is empty"):
-        engine.submit([], SamplingParams())
+        engine.submit([[]], SamplingParams())
     for field, value in (("temperature", 3.0), ("max_tokens", 0), ("top_p", 0.0), ("logprobs", 50)):
         with pytest.raises(InvalidParameter, match=field):
             SamplingParams(**{field: value})
@@ -141,13 +141,108 @@ def test_bad_requests(model, tokenizer):
 
 def test_cancel_frees_the_slot(model, tokenizer):
     engine = Engine(model, tokenizer, slots=1)
-    seq, = engine.submit(tokenizer.encode("x"), _greedy(100))
+    seq, = engine.submit([tokenizer.encode("x")], _greedy(100))
     engine.step()
     engine.step()
     assert engine.running
     engine.cancel([seq])
     engine.step()
     assert not engine.running and seq.finish_reason == "cancelled"
+
+
+def _run(engine, sequences):
+    while any(s.finish_reason is None for s in sequences):
+        engine.step()
+    return [engine._collect(s) for s in sequences]
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 1e-6},
+                                     {"temperature": 1.0, "repetition_penalty": 1e-40},
+                                     {"temperature": 2.0, "repetition_penalty": 1e-40, "top_p": 0.5}])
+def test_every_accepted_sampling_value_samples_finitely(model, tokenizer, extreme):
+    engine = Engine(model, tokenizer, slots=2)
+    prompt = tokenizer.encode("x = 1")
+    innocent, = engine.submit([prompt], SamplingParams(max_tokens=20, temperature=1.0, seed=5, ignore_eos=True))
+    odd, = engine.submit([prompt], SamplingParams(max_tokens=20, seed=1, ignore_eos=True, **extreme))
+    a, b = _run(engine, [innocent, odd])
+    assert a.finish_reason == b.finish_reason == "length" and len(b.tokens) == 20
+    alone = Engine(model, tokenizer, slots=1).generate(prompt, innocent.params)[0]
+    assert a.tokens == alone.tokens
+    if extreme["temperature"] < 1e-5:  # below the bound sampling is greedy
+        assert b.tokens == Engine(model, tokenizer, slots=1).generate(prompt, _greedy(20))[0].tokens
+
+
+def test_a_failure_ends_only_the_request_that_caused_it(model, tokenizer, monkeypatch):
+    import havoc_inference.engine as engine_module
+
+    engine = Engine(model, tokenizer, slots=4)
+    innocent, = engine.submit([tokenizer.encode("a = 1")], _greedy(12))
+    guilty = engine.submit([tokenizer.encode("b = 2")], _greedy(12, seed=3), n=2)  # n=2: both must end
+    real = engine_module.choose
+
+    def choose(logits, params, generator):
+        if params.seed == 3:
+            raise RuntimeError("simulated sampling failure")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "choose", choose)
+    results = _run(engine, [innocent, *guilty])
+    assert [r.finish_reason for r in results] == ["length", "error", "error"]
+    assert results[0].tokens == Engine(model, tokenizer, slots=1).generate(tokenizer.encode("a = 1"),
+                                                                           _greedy(12))[0].tokens
+
+
+def test_the_waiting_queue_is_bounded(model, tokenizer):
+    engine = Engine(model, tokenizer, slots=1, max_queue=3)
+    engine.submit([[5], [6]], _greedy(4))
+    with pytest.raises(QueueFull, match="2 sequences are waiting .*bound is 3"):
+        engine.submit([[7]], _greedy(4), n=2)
+    assert len(engine.waiting) == 2  # a refused request leaves nothing behind
+    engine.submit([[7]], _greedy(4))
+
+
+def test_drain_refuses_new_work_and_aborts_what_outlives_the_timeout(model, tokenizer):
+    import time
+
+    engine = Engine(model, tokenizer, slots=1)
+    quick, = engine.submit([tokenizer.encode("a")], _greedy(3))
+    slow, = engine.submit([tokenizer.encode("b")], _greedy(150))
+    while quick.finish_reason is None:
+        engine.step()
+    engine.step()
+    engine.drain(timeout=0.2)
+    with pytest.raises(Draining):
+        engine.submit([[5]], _greedy(2))
+    time.sleep(0.5)  # no step meanwhile: the slow sequence outlives the timeout
+    engine.step()
+    assert engine._collect(quick).finish_reason == "length"
+    ended = engine._collect(slow)
+    assert ended.finish_reason == "abort" and 0 < len(ended.tokens) < 150
+    assert not engine.running and not engine.waiting
+
+
+def test_stops_at_any_of_the_configs_eos_ids(model, tokenizer):
+    free = Engine(model, tokenizer, slots=1).generate(tokenizer.encode("for"), _greedy(12))[0].tokens
+    other = dataclasses.replace(model.config, eos_token_id=[2, free[4]])
+    several = HavocModel(other).eval()
+    several.load_state_dict(model.state_dict())
+    out = Engine(several, tokenizer, slots=1).generate(tokenizer.encode("for"), dataclasses.replace(
+        _greedy(12), ignore_eos=False))[0]
+    assert out.finish_reason == "stop" and out.tokens == free[: free.index(free[4]) + 1]
+
+
+def test_text_is_detokenized_incrementally_and_exactly(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, slots=4)
+    decoded = []
+    real = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or real(ids, **kw))
+    params = SamplingParams(max_tokens=150, temperature=1.5, ignore_eos=True)
+    completions = _run(engine, engine.submit([tokenizer.encode("s = '")], dataclasses.replace(params, seed=11), n=4))
+    # Each step decodes a few recent ids, not the whole output (150 tokens x 4 would be ~45k ids).
+    assert sum(decoded) < 10 * 150 * 4
+    monkeypatch.setattr(tokenizer, "decode", real)
+    for c in completions:  # random weights spell broken UTF-8 too: the text is still exactly the tokens'
+        assert c.text == tokenizer.decode(c.tokens, skip_special_tokens=True)
 
 
 def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokenizer, monkeypatch):
@@ -164,7 +259,7 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokeni
             return real(seq)
 
         monkeypatch.setattr(engine, "_prefill_chunk", broken_once)
-        failed, = engine.submit(tokenizer.encode("x"), _greedy(5))
+        failed, = engine.submit([tokenizer.encode("x")], _greedy(5))
         event = failed.events.get(timeout=30)
         assert event.finish_reason == "error" and "simulated kernel failure" in event.error
         assert not engine.running
@@ -176,11 +271,11 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokeni
 
 def test_long_prompts_are_prefilled_in_chunks_without_stalling_running_streams(model, tokenizer):
     engine = Engine(model, tokenizer, slots=2, prefill_chunk=8)
-    running, = engine.submit(tokenizer.encode("x ="), _greedy(60))
+    running, = engine.submit([tokenizer.encode("x =")], _greedy(60))
     engine.step()
     engine.step()
     long_prompt = tokenizer.encode("def f(a, b):\n    return a + b\n" * 12)[:120]
-    late, = engine.submit(long_prompt, _greedy(5))
+    late, = engine.submit([long_prompt], _greedy(5))
     for step in range(len(long_prompt) // 8):
         before = len(running.output_ids)
         engine.step()

@@ -99,12 +99,34 @@ def test_greedy_completion_equals_model_generate(client, model_dir, tokenizer):
     assert got.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
 
 
-def test_chat(client):
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."},
-                                                                  {"role": "user", "content": "Hello?"}],
-                                           max_tokens=10, temperature=0)
+def _chat_reference(model_dir, tokenizer, messages, max_tokens):
+    """The reply `model.generate` gives for the chat template, cut at <|end|> or <|eos|>."""
+    model = HavocModel.load_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    new = model.generate([prompt], max_new_tokens=max_tokens, eos_token_id=None)[0, len(prompt):].tolist()
+    ends = [i for i, t in enumerate(new) if t in (tokenizer.end_token_id, tokenizer.eos_token_id)]
+    return tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True), len(prompt), bool(ends)
+
+
+def test_chat(client, model_dir, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
-    assert isinstance(reply.choices[0].message.content, str)
+    text, prompt_tokens, stopped = _chat_reference(model_dir, tokenizer, messages, 10)
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == ("stop" if stopped else "length")
+    assert reply.usage.prompt_tokens == prompt_tokens
+
+
+def test_chat_accepts_content_parts_and_the_developer_role(client):
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?\nThere."}]
+    newer = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Hello?"}, {"type": "text", "text": "There."}]}]
+    a, b = (client.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0) for m in (plain, newer))
+    assert a.choices[0].message.content == b.choices[0].message.content and a.usage == b.usage
+    with pytest.raises(openai.BadRequestError, match="only text parts are supported, got a 'image_url' part"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
@@ -139,9 +161,30 @@ def test_sse_wire_format_ends_with_done(url):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
-def test_n_choices(client):
-    out = client.completions.create(model=MODEL, prompt="x =", max_tokens=8, temperature=1.0, n=3, seed=1)
+def test_n_choices(client, tokenizer):
+    out = client.completions.create(model=MODEL, prompt="x =", max_tokens=8, temperature=1.0, n=3, seed=1,
+                                    extra_body={"ignore_eos": True})
     assert [c.index for c in out.choices] == [0, 1, 2] and len({c.text for c in out.choices}) > 1
+    # The prompt is counted once, whatever n is; each choice ran to max_tokens.
+    assert out.usage.prompt_tokens == len(tokenizer.encode("x ="))
+    assert out.usage.completion_tokens == 3 * 8 and all(c.finish_reason == "length" for c in out.choices)
+    two = client.completions.create(model=MODEL, prompt=["x =", "y = 2"], max_tokens=2, n=2, seed=1)
+    assert two.usage.prompt_tokens == len(tokenizer.encode("x =")) + len(tokenizer.encode("y = 2"))
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 30])
+def test_completion_tokens_equal_max_tokens_when_the_length_ends_it(client, max_tokens):
+    out = client.completions.create(model=MODEL, prompt="def", max_tokens=max_tokens, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == max_tokens
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                          max_completion_tokens=max_tokens, extra_body={"ignore_eos": True,
+                                                                                         "stop_token_ids": []})
+    if chat.choices[0].finish_reason == "length":
+        assert chat.usage.completion_tokens == max_tokens
+    else:  # the reply ended at <|end|>, which is not counted as text but is a generated token
+        assert chat.usage.completion_tokens <= max_tokens
 
 
 def test_stop_strings(client):
@@ -353,3 +396,218 @@ def test_oversized_chunked_body_without_content_length(url):
     r = httpx.post(f"{url}/v1/completions", content=body(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     _alive(url)
+
+
+# Hardening: one request never harms another, and nothing reaches a client unshaped.
+def test_extreme_sampling_values_never_fail_another_stream(client, url):
+    def stream():
+        chunks = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=120, temperature=1.0,
+                                           seed=21, stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.text for chunk in chunks for c in chunk.choices)
+
+    alone = stream()
+    with ThreadPoolExecutor(4) as pool:
+        innocent = pool.submit(stream)
+        odd = [pool.submit(client.completions.create, model=MODEL, prompt="x", max_tokens=30, **kw)
+               for kw in ({"temperature": 1e-40}, {"temperature": 1.0, "extra_body": {"repetition_penalty": 1e-40}},
+                          {"temperature": 2.0, "top_p": 1e-9, "extra_body": {"repetition_penalty": 1e-40}})]
+        assert all(f.result().choices[0].finish_reason in ("length", "stop") for f in odd)
+        assert innocent.result() == alone
+    _alive(url)
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": -2**63 - 1}, "seed"),
+    ("/v1/completions", {"prompt": "a \ud800 b"}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", "bad \udfff"]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/tokenize", {"messages": []}, "messages"),
+])
+def test_unreadable_input_is_a_400_naming_the_field(url, route, body, param):
+    payload = json.dumps({"model": MODEL, "max_tokens": 2, **body} if route != "/tokenize" else body)
+    r = httpx.post(f"{url}{route}", content=payload, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+    _alive(url)
+
+
+def test_max_completion_tokens_is_max_tokens(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                           max_completion_tokens=5, extra_body={"ignore_eos": True,
+                                                                                 "stop_token_ids": []})
+    assert reply.usage.completion_tokens <= 5
+    assert reply.choices[0].finish_reason == "stop" or reply.usage.completion_tokens == 5
+
+
+def test_requests_are_bounded(url):
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert "3 prompts x n=3 = 9 sequences; one request may ask for at most 8" in r.json()["error"]["message"]
+
+
+def _in_process(model_dir, **options):
+    from starlette.testclient import TestClient
+
+    from havoc_inference.server import create_app
+
+    app = create_app(str(model_dir), model_name=MODEL, **options)
+    http = TestClient(app, raise_server_exceptions=False)
+    http.__enter__()
+    deadline = time.monotonic() + 60
+    while http.get("/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return app.app.state.server.engine, http
+
+
+def test_an_unexpected_error_is_a_logged_counted_500_in_openai_shape(model_dir, monkeypatch, caplog):
+    engine, http = _in_process(model_dir)
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated tokenizer bug")
+
+        monkeypatch.setattr(engine.tokenizer, "encode", broken)
+        with caplog.at_level("ERROR"):
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"] == {"message": "internal server error (RuntimeError)", "type": "server_error",
+                                     "param": None, "code": None}
+        assert "simulated tokenizer bug" in caplog.text and "Traceback" in caplog.text
+        assert 'havoc_requests_total{route="/v1/completions",status="500"} 1.0' in http.get("/metrics").text
+        monkeypatch.undo()
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        http.__exit__(None, None, None)
+        engine.stop()
+
+
+def test_tokenization_runs_off_the_event_loop(model_dir, monkeypatch):
+    import threading
+
+    engine, http = _in_process(model_dir)
+    try:
+        threads = {}
+        for name in ("encode", "apply_chat_template"):
+            real = getattr(engine.tokenizer, name)
+            monkeypatch.setattr(engine.tokenizer, name, lambda *a, _real=real, _name=name, **k: (
+                threads.setdefault(_name, threading.current_thread()), _real(*a, **k))[1])
+        real_submit = engine.submit
+        monkeypatch.setattr(engine, "submit", lambda *a, **k: (
+            threads.setdefault("loop", threading.current_thread()), real_submit(*a, **k))[1])
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x = 1", "max_tokens": 1}).status_code == 200
+        assert http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1,
+                                                       "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+        assert threads["encode"] is not threads["loop"] and threads["apply_chat_template"] is not threads["loop"]
+    finally:
+        http.__exit__(None, None, None)
+        engine.stop()
+
+
+def test_the_chat_page_has_security_headers(url):
+    r = httpx.get(f"{url}/")
+    policy = r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_api_key_is_compared_in_constant_time(model_dir, monkeypatch):
+    import secrets
+
+    calls = []
+    real = secrets.compare_digest
+    monkeypatch.setattr(secrets, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    engine, http = _in_process(model_dir, api_key="sesame")
+    try:
+        assert http.get("/v1/models", headers={"Authorization": "Bearer sesamE"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert calls[-2:] == [(b"Bearer sesamE", b"Bearer sesame"), (b"Bearer sesame", b"Bearer sesame")]
+    finally:
+        http.__exit__(None, None, None)
+        engine.stop()
+
+
+# A model slow enough on a CPU (small preset) that long requests are surely still running.
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("slow") / "model"
+    HavocModel(dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory
+
+
+def _long(stream=False):
+    return {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": stream}
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot(slow_model_dir):
+    proc, url = _start(slow_model_dir)
+    try:
+        _wait_ready(url)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=_long(), timeout=1.0)
+        deadline = time.monotonic() + 5
+        while _running(url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running(url) == 0
+        generated = _metric(url, "havoc_generated_tokens_total")
+        time.sleep(0.3)
+        assert _metric(url, "havoc_generated_tokens_total") == generated < 1000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_full_queue_is_a_429_with_retry_after(slow_model_dir):
+    proc, url = _start(slow_model_dir, "--slots", "1", "--max-queue", "1")  # the later --slots wins
+    try:
+        _wait_ready(url)
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(httpx.post, f"{url}/v1/completions", json={**_long(), "max_tokens": 60}, timeout=60)
+            while _running(url) == 0:
+                time.sleep(0.02)
+            waiting = pool.submit(httpx.post, f"{url}/v1/completions", json={**_long(), "max_tokens": 2}, timeout=60)
+            while _metric(url, "havoc_queue_depth") == 0:
+                time.sleep(0.02)
+            r = httpx.post(f"{url}/v1/completions", json={**_long(), "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error" and "retry shortly" in r.json()["error"]["message"]
+            assert busy.result().status_code == waiting.result().status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT"]])
+def test_shutdown_ends_streams_cleanly_and_exits(slow_model_dir, signals):
+    import signal as signal_module
+
+    proc, url = _start(slow_model_dir, "--shutdown-timeout", "1")
+    try:
+        _wait_ready(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json=_long(stream=True), timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+            sent = time.monotonic()
+            for name in signals:
+                proc.send_signal(getattr(signal_module, name))
+                time.sleep(0.2)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] == "abort"
+        proc.wait(timeout=15)
+        assert time.monotonic() - sent < 10
+        stderr = proc.stderr.read()
+        assert "terminate called" not in stderr and "Aborted" not in stderr and "Traceback" not in stderr, stderr
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -144,13 +144,12 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from havoc_inference.server import serve
 
-    from havoc_inference.server import create_app
-
-    app = create_app(args.checkpoint, tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key,
-                     slots=args.slots, context=args.context, device=args.device, compile=args.compile)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    serve(args.checkpoint, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+          tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key, slots=args.slots,
+          context=args.context, device=args.device, compile=args.compile, max_queue=args.max_queue,
+          max_seqs_per_request=args.max_seqs_per_request)
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--context", type=int, help="tokens per slot (default: the model's max_seq_len)")
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    serve.add_argument("--max-queue", type=int, help="sequences that may wait for a slot; past it, 429 "
+                                                     "(default: 4 x slots)")
+    serve.add_argument("--max-seqs-per-request", type=int, help="prompts x n one request may ask for (default: slots)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="on SIGTERM, seconds running sequences may take to finish before they are ended")
     serve.set_defaults(func=_serve)
 
     data = commands.add_parser("data", help="prepare token datasets for training")

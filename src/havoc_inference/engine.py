@@ -34,6 +34,14 @@ class ContextTooLong(ValueError):
     pass
 
 
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
+
+
+class Draining(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
 @dataclass
 class TokenLogprob:
     token: int
@@ -64,21 +72,24 @@ class Completion:
 class Sequence:
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int,
-                 notify: Callable[[Event], None] | None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, device: torch.device,
+                 request: list[Sequence]):
         self.id = next(self._ids)
         self.prompt_ids, self.params = prompt_ids, params
-        self.generator = torch.Generator().manual_seed(seed)
+        self.request = request  # every sequence of the request this one belongs to (prompts x n)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.output_ids: list[int] = []
         self.counts: dict[int, int] = {}
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.echo and params.logprobs is not None else None
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens already in the cache
-        self.emitted = 0  # characters of output text already reported
+        self.text = ""  # the output decoded so far (whole characters only)
+        self.decoded = self.undecoded = 0  # see _new_text
+        self.emitted = 0  # characters of `text` already reported
         self.finish_reason: str | None = None
-        self.cancelled = False
+        self.stop_reason: str | None = None  # set by cancel(): the engine thread ends the sequence with it
         self.events: queue.Queue[Event] = queue.Queue()
-        self.notify = notify or self.events.put
+        self.notify: Callable[[Event], None] = self.events.put
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -124,13 +135,15 @@ class _RowLinear(TorchFunctionMode):
 
 class Engine:
     def __init__(self, model: HavocModel, tokenizer: HavocTokenizer, slots: int = 8, context: int | None = None,
-                 prefill_chunk: int = 256, compile: bool = False):
+                 prefill_chunk: int = 256, compile: bool = False, max_queue: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         self.context = context or config.max_seq_len
         if self.context > config.max_seq_len:
             raise ValueError(f"context {self.context} exceeds the model's max_seq_len {config.max_seq_len}")
         self.slots, self.prefill_chunk = slots, prefill_chunk
+        self.max_queue = 4 * slots if max_queue is None else max_queue
+        self.eos_ids = {*config.eos_token_ids, tokenizer.eos_token_id}
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         # One spare column: slots that are not decoding write their throw-away step there.
         shape = (slots, config.attention.num_kv_heads, self.context + 1, config.head_dim)
@@ -147,7 +160,7 @@ class Engine:
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
-        self.stopping = False
+        self.stopping = self.draining = False
         self.thread: threading.Thread | None = None
         self._seeds = itertools.count(int(time.time_ns() % 2**31))
 
@@ -165,42 +178,70 @@ class Engine:
             rows *= 2
 
     # Requests.
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                notify: Callable[[Sequence, Event], None] | None = None) -> list[Sequence]:
-        """Queue `n` sequences for one prompt; events go to `notify(sequence, event)` or each sequence's queue."""
+        """Queue `n` sequences for each prompt, as one request: a failure in any of them ends them all.
+        Events go to `notify(sequence, event)` or each sequence's queue."""
         vocab = self.model.config.vocab_size
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.context:
-            raise ContextTooLong(
-                f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.context} tokens"
-            )
-        sequences = []
-        for i in range(n):
-            # Same seed, same output, whatever else is running: each sequence draws from its own generator.
-            seed = params.seed + i if params.seed is not None else next(self._seeds)
-            seq = Sequence(list(prompt_ids), params, seed, None)
-            if notify is not None:
-                seq.notify = (lambda s: lambda event: notify(s, event))(seq)
-            sequences.append(seq)
+        for prompt_ids in prompts:
+            if not prompt_ids:
+                raise ValueError("the prompt is empty")
+            bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+            if len(prompt_ids) + params.max_tokens > self.context:
+                raise ContextTooLong(
+                    f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                    f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.context} tokens"
+                )
+        request: list[Sequence] = []
+        for prompt_ids in prompts:
+            for i in range(n):
+                # Same seed, same output, whatever else is running: each sequence draws from its own generator.
+                seed = (params.seed + i) % 2**64 if params.seed is not None else next(self._seeds)
+                seq = Sequence(list(prompt_ids), params, seed, self.device, request)
+                if notify is not None:
+                    seq.notify = (lambda s: lambda event: notify(s, event))(seq)
+                request.append(seq)
         with self.lock:
-            self.waiting.extend(sequences)
+            if self.draining:
+                raise Draining("the server is shutting down and takes no new requests")
+            if len(self.waiting) + len(request) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting (the bound is {self.max_queue}); "
+                                "retry shortly")
+            self.waiting.extend(request)
         self.wakeup.set()
-        return sequences
+        return request
 
-    def cancel(self, sequences: list[Sequence]) -> None:
-        """Stop these sequences; their slots are freed at the next step."""
+    def cancel(self, sequences: list[Sequence], reason: str = "cancelled") -> None:
+        """End these sequences with `reason` (a final event says so); the engine thread frees their slots."""
         for seq in sequences:
-            seq.cancelled = True
+            if seq.finish_reason is None:
+                seq.stop_reason = reason
         self.wakeup.set()
+
+    def drain(self, timeout: float) -> None:
+        """Take no new requests; after `timeout` seconds end whatever still runs with finish_reason "abort"."""
+        with self.lock:
+            self.draining = True
+
+        def abort_later() -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (self.waiting or self.running):
+                time.sleep(0.05)
+            with self.lock:
+                left = [*self.waiting, *self.running.values()]
+            self.cancel(left, "abort")
+
+        threading.Thread(target=abort_later, name="havoc-drain", daemon=True).start()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Completion]:
         """Blocking: the completions of one prompt (runs the steps itself if no loop thread is running)."""
-        sequences = self.submit(prompt_ids, params, n)
+        return self.complete([prompt_ids], params, n)
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
+        """Blocking: n completions of each prompt, prompt-major (the steps run here if no loop thread does)."""
+        sequences = self.submit(prompts, params, n)
         while self.thread is None and any(s.finish_reason is None for s in sequences):
             self.step()
         return [self._collect(seq) for seq in sequences]
@@ -235,42 +276,55 @@ class Engine:
         while not self.stopping:
             try:
                 busy = self.step()
-            except Exception as e:  # one bad step must not stop the server: fail what it touched
+            except Exception as e:  # a failure no single request can be blamed for: fail what runs
                 logger.exception("engine step failed")
-                self._fail_running(f"{type(e).__name__}: {e}")
+                with self.lock:
+                    running = list(self.running.values())
+                self._fail(running, e)
                 continue
             if not busy:
                 self.wakeup.wait(timeout=0.5)
                 self.wakeup.clear()
 
-    def _fail_running(self, message: str) -> None:
+    def _fail(self, sequences: list[Sequence], error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"
         with self.lock:
-            failed = list(self.running.values())
+            failed = [s for s in sequences if s.finish_reason is None]
             for seq in failed:
                 self._finish(seq, "error")
         for seq in failed:
             seq.notify(Event(text="", finish_reason="error", error=message))
 
+    def _guarded(self, seq: Sequence, work: Callable, *args) -> None:
+        """Run `work(seq, *args)`; if it fails, fail `seq`'s whole request and no other."""
+        try:
+            work(seq, *args)
+        except Exception as e:
+            logger.exception("request of sequence %d failed", seq.id)
+            self._fail(seq.request, e)
+
     @torch.inference_mode()
     def step(self) -> bool:
         """Admit, prefill one chunk, decode one token everywhere. False when there was nothing to do."""
         with self.lock:
-            for seq in list(self.running.values()):
-                if seq.cancelled:
-                    self._finish(seq, "cancelled")
+            ended = [s for s in [*self.waiting, *self.running.values()] if s.stop_reason and s.finish_reason is None]
+            for seq in ended:
+                self._finish(seq, seq.stop_reason)
+            self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
             free = [s for s in range(self.slots) if s not in self.running]
             while free and self.waiting:
                 seq = self.waiting.popleft()
-                if seq.cancelled:
-                    continue
                 seq.slot = free.pop(0)
                 self.running[seq.slot] = seq
             running = list(self.running.values())
+        for seq in ended:
+            seq.notify(Event(finish_reason=seq.finish_reason))
         if not running:
-            return False
+            return bool(ended)
         prefilling = [s for s in running if s.prefilled < len(s.prompt_ids)]
         if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda s: s.id))
+            seq = min(prefilling, key=lambda s: s.id)
+            self._guarded(seq, self._prefill_chunk)
         decoding = [s for s in running if s.prefilled == len(s.prompt_ids) and s.output_ids and s.finish_reason is None]
         if decoding:
             self._decode(decoding)
@@ -321,7 +375,8 @@ class Engine:
             positions[seq.slot, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
         logits = self.decode_step(tokens, positions, [(k[:rows], v[:rows]) for k, v in self.caches]).float()
         for seq in decoding:
-            self._accept(seq, logits[seq.slot])
+            if seq.finish_reason is None:  # a failed neighbour of the same request may have ended it
+                self._guarded(seq, self._accept, logits[seq.slot])
 
     @staticmethod
     def _logprob(log_probs: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
@@ -338,26 +393,26 @@ class Engine:
         event = Event(tokens=[token])
         if params.logprobs is not None:  # of the model's own distribution, as OpenAI reports them
             event.logprobs.append(self._logprob(logits.log_softmax(-1), token, params.logprobs))
-        stop_token = token in params.stop_token_ids or (token == self.tokenizer.eos_token_id and not params.ignore_eos)
+        stop_token = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
         if not stop_token:
             seq.output_ids.append(token)
             seq.counts[token] = seq.counts.get(token, 0) + 1
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        finish = "stop" if stop_token else None
-        for stop in params.stop:  # a stop string may span tokens: search the new text and what precedes it
-            at = text.find(stop, max(0, seq.emitted - len(stop) + 1))
-            if at != -1:
-                text, finish = text[:at], "stop"
+        searched = max(0, len(seq.text) - max((len(s) for s in params.stop), default=0) + 1)
+        seq.text += self._new_text(seq)
+        # A stop string may span tokens: search the new text and what precedes it; the earliest wins.
+        cut = min((at for at in (seq.text.find(stop, searched) for stop in params.stop) if at != -1), default=None)
+        finish = "stop" if stop_token or cut is not None else None
         if finish is None and (len(seq.output_ids) >= params.max_tokens
                                or len(seq.prompt_ids) + len(seq.output_ids) >= self.context):
             finish = "length"
-        if finish is None:
-            # Hold back what may be the start of a stop string or of a character still being spelt.
+        if cut is not None:
+            text = seq.text[:cut]
+        elif finish is not None:  # the end: also a character left half-spelt
+            seq.text += self._new_text(seq, final=True)
+            text = seq.text
+        else:  # hold back what may be the start of a stop string
             hold = max((len(s) - 1 for s in params.stop), default=0)
-            safe = len(text) - hold
-            while safe > seq.emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            text = text[:max(safe, seq.emitted)]
+            text = seq.text[:max(len(seq.text) - hold, seq.emitted)]
         event.text = text[seq.emitted:]
         seq.emitted = len(text)
         if finish is not None:
@@ -365,6 +420,20 @@ class Engine:
             with self.lock:
                 self._finish(seq, finish)
         seq.notify(event)
+
+    def _new_text(self, seq: Sequence, final: bool = False) -> str:
+        """The text the output ids added since the last call, decoding only a few recent ids.
+
+        `decoded`..`undecoded` are ids whose text is already in seq.text (kept as context for the
+        next piece); a piece ending in U+FFFD is a character still being spelt and waits, unless final.
+        """
+        ids = seq.output_ids
+        before = self.tokenizer.decode(ids[seq.decoded : seq.undecoded], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[seq.decoded :], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        seq.decoded, seq.undecoded = seq.undecoded, len(ids)
+        return after[len(before):]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         # Called with the lock held.

@@ -8,6 +8,8 @@ import torch
 
 from havoc_core.model.transformer import filter_logits
 
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -38,6 +40,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "between 0 and 20"),
             (len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop), "stop", "up to 16 non-empty strings"),
+            (self.seed is None or -2**63 <= self.seed < 2**63, "seed", "a 64-bit signed integer"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -45,7 +48,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, logits / temperature overflows; vLLM treats such temperatures as greedy too.
+        return self.temperature < SAMPLING_EPS
 
 
 class InvalidParameter(ValueError):
@@ -69,7 +73,13 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
         logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
     if params.greedy:
         return logits
-    return filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    return filter_logits(_finite(_finite(logits) / params.temperature), params.top_k, params.top_p, params.min_p)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    # A tiny repetition penalty or temperature divides by ~0: +inf would make softmax NaN. NaN from
+    # the model itself stays NaN and fails its own request.
+    return logits.nan_to_num(nan=float("nan"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -8,7 +8,12 @@ Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import logging
+import re
+import secrets
 import threading
 import time
 import uuid
@@ -23,22 +28,44 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from havoc_core.pretrained import load_model_and_tokenizer
-from havoc_inference.engine import ContextTooLong, Engine, Event, Sequence, TokenLogprob
+from havoc_inference.engine import ContextTooLong, Draining, Engine, Event, QueueFull, Sequence, TokenLogprob
 from havoc_inference.sampling import InvalidParameter, SamplingParams
 
+logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BODY_BYTES = 1 << 20
+RETRY_AFTER_SECONDS = 1
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
 
-def _error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+def _error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None,
+                    headers: dict[str, str] | None = None):
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def _check_text(value: Any, path: str) -> None:
+    """Every string of a request body must be encodable Unicode: JSON admits lone surrogates
+    ("\\ud800"), which no tokenizer can read. Raises a 400 naming the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path} is not valid Unicode text: a lone surrogate at character {e.start}",
+                           param=path) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]")
 
 
 # Request bodies. Sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty, ...) follow vLLM's names.
@@ -69,15 +96,40 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def plain(self, i: int) -> dict:
+        """The message as the chat template takes it: `developer` is OpenAI's newer name for `system`,
+        and a list of text parts is joined by newlines (as vLLM does)."""
+        content = self.content
+        if isinstance(content, list):
+            other = next((part.type for part in content if part.type != "text" or part.text is None), None)
+            if other is not None:
+                raise APIError(400, f"messages[{i}].content: only text parts are supported, got a {other!r} part",
+                               param=f"messages[{i}].content")
+            content = "\n".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+def _plain_messages(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    return [m.plain(i) for i, m in enumerate(messages)]
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
 
@@ -93,23 +145,45 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-class _BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413, also when they come chunked, without a length.
+class _Guard:
+    """The outermost ASGI layer: the 1 MB body limit (413), the request counter, a last-resort 500.
 
     The body is read here, up to the limit, and replayed to the app: FastAPI would turn an error
-    raised while it reads the body into a generic 400.
+    raised while it reads the body into a generic 400, and would miss a chunked body's size.
+    Requests are counted here, from the status actually sent, so that failures count too.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: FastAPI, server: Server, limit: int):
+        self.app, self.server, self.limit = app, server, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        status = None
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, counted_send)
+        except Exception:
+            if status is None:  # the app's own handler answered and logged whatever was answerable
+                logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+                await _error_response(500, "internal server error", "server_error")(scope, receive, counted_send)
+        finally:
+            if status is not None:
+                # The route's template, never the raw path: random URLs must not create new metric series.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.server.requests.labels(route, str(status)).inc()
+
+    async def _limited(self, scope, receive, send):
         too_large = _error_response(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
                                     code="request_too_large")
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -129,17 +203,31 @@ class _BodyLimit:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # afterwards: disconnect notices, which streaming responses watch
+            return await receive()  # afterwards: disconnect notices, which the handlers watch
 
         await self.app(scope, replay, send)
 
 
+def _page_headers(page: str) -> dict[str, str]:
+    """The chat page's security headers; its inline script and style are allowed by their hashes only."""
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer"}
+
+
 class Server:
-    """The app's state: the engine (loaded in the background), the model's name and the metrics."""
+    """The app's state: the engine (loaded in the background), the model's name, limits and metrics."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None, model_name: str | None, slots: int,
-                 context: int | None, device: str, compile: bool):
+                 context: int | None, device: str, compile: bool, max_queue: int | None,
+                 max_seqs_per_request: int | None):
         self.model_name = model_name or Path(checkpoint).resolve().name
+        self.max_seqs_per_request = max_seqs_per_request or slots
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.metrics = CollectorRegistry()
@@ -157,7 +245,7 @@ class Server:
         def load() -> None:
             try:
                 model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device)
-                engine = Engine(model, tok, slots=slots, context=context, compile=compile)
+                engine = Engine(model, tok, slots=slots, context=context, compile=compile, max_queue=max_queue)
                 if compile:
                     engine.warm_up()  # /health stays 503 until every batch size is compiled
                 engine.start()
@@ -180,7 +268,7 @@ class Server:
 
 
 def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, echo: bool,
-                     extra_stop_ids: list[int]) -> SamplingParams:
+                     extra_stop_ids: list[int], max_tokens_field: str = "max_tokens") -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         return SamplingParams(
@@ -190,19 +278,26 @@ def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, ech
             ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs, echo=echo,
         )
     except InvalidParameter as e:
-        raise APIError(400, str(e), param=e.param) from None
+        param = max_tokens_field if e.param == "max_tokens" else e.param
+        raise APIError(400, str(e).replace("max_tokens", param), param=param) from None
 
 
 def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
                slots: int = 8, context: int | None = None, device: str = "cpu", compile: bool = False,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    server = Server(checkpoint, tokenizer, model_name, slots, context, device, compile)
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int | None = None,
+               max_seqs_per_request: int | None = None) -> FastAPI:
+    """The ASGI app. `max_queue` bounds the sequences waiting for a slot (default 4 x slots; past it
+    requests get 429); `max_seqs_per_request` bounds prompts x n of one request (default: slots)."""
+    server = Server(checkpoint, tokenizer, model_name, slots, context, device, compile, max_queue,
+                    max_seqs_per_request)
     app = FastAPI(title="HAVOC", docs_url=None, redoc_url=None)
     app.state.server = server
+    page = PAGE.read_text()
+    page_headers = _page_headers(page)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return _error_response(e.status, e.message, e.type, e.param, e.code)
+        return _error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
@@ -219,24 +314,22 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
         message = f"{request.method} {request.url.path}: {e.detail}"
         return _error_response(e.status_code, message, kind)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        # The route's template, never the raw path: random URLs must not create new metric series.
-        route = request.scope.get("route")
-        server.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=e)
+        return _error_response(500, f"internal server error ({type(e).__name__})", "server_error")
 
     async def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if api_key is not None and not secrets.compare_digest(sent, f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
     guarded = [Depends(authorize)]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE.read_text())
+    async def chat_page():
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -259,10 +352,13 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
     async def tokenize(body: TokenizeRequest):
         engine = server.ready_engine()
         server.check_model(body.model)
+        _check_text(body.model_dump(), "")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        tokens = engine.tokenizer.encode(body.prompt) if body.prompt is not None else \
-            engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        if body.prompt is not None:
+            tokens = await asyncio.to_thread(engine.tokenizer.encode, body.prompt)
+        else:
+            tokens = await asyncio.to_thread(engine.tokenizer.apply_chat_template, _plain_messages(body.messages), True)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
 
     @app.post("/detokenize", dependencies=guarded)
@@ -278,24 +374,61 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
     async def completions(body: CompletionRequest, request: Request):
         engine = server.ready_engine()
         server.check_model(body.model)
-        prompts = _prompts(body.prompt, engine)
+        _check_text(body.model_dump(), "")
         params = _sampling_params(body, body.max_tokens, body.logprobs, body.echo, [])
+        # Tokenizing 1 MB takes a while: off the event loop, so that running streams go on.
+        prompts = await asyncio.to_thread(_prompts, body.prompt, engine)
         return await _run(server, engine, request, "text_completion", prompts, params, body)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatRequest, request: Request):
         engine = server.ready_engine()
         server.check_model(body.model)
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
-        prompt = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context - len(prompt))
+        _check_text(body.model_dump(), "")
+        messages = _plain_messages(body.messages)
+        prompt = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, True)
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # no limit asked: whatever the context leaves
+            max_tokens = max(1, engine.context - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         # An assistant turn ends with <|end|>.
-        params = _sampling_params(body, max_tokens, logprobs, False, [engine.tokenizer.end_token_id])
+        params = _sampling_params(body, max_tokens, logprobs, False, [engine.tokenizer.end_token_id], field)
         return await _run(server, engine, request, "chat.completion", [prompt], params, body)
 
-    return _BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+    return _Guard(app, server, max_body_bytes)  # type: ignore[return-value]
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 10.0,
+          **app_options) -> None:
+    """Run the server until SIGTERM or Ctrl-C, then shut down gracefully: stop accepting, let running
+    sequences finish for up to `shutdown_timeout` seconds, end the rest with finish_reason "abort"
+    (a clean final chunk), and stop the engine thread before the process exits."""
+    import uvicorn
+
+    app = create_app(checkpoint, **app_options)
+    state: Server = app.app.state.server  # type: ignore[attr-defined]
+
+    class GracefulServer(uvicorn.Server):
+        signals = 0
+
+        def handle_exit(self, sig, frame) -> None:
+            # Not uvicorn's own: the first signal drains, a second ends every sequence now (each
+            # stream still gets its final chunk), a third forces the exit. Nor is the signal raised
+            # again after shutdown: a re-raised Ctrl-C lands in asyncio's runner as a traceback.
+            self.signals += 1
+            self.should_exit = True
+            self.force_exit = self.signals >= 3
+            if state.engine is not None:
+                state.engine.drain(shutdown_timeout if self.signals == 1 else 0)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=shutdown_timeout + 5)  # a backstop; the drain ends streams first
+    try:
+        GracefulServer(config).run()
+    finally:
+        if state.engine is not None:
+            state.engine.stop()  # joined: a torch call cut off at interpreter exit would abort the process
 
 
 def _prompts(prompt, engine: Engine) -> list[list[int]]:
@@ -318,21 +451,26 @@ def _prompts(prompt, engine: Engine) -> list[list[int]]:
 async def _run(server: Server, engine: Engine, request: Request, kind: str, prompts: list[list[int]],
                params: SamplingParams, body: _Sampling):
     """Submit every prompt x n, then answer in one JSON body or as a Server-Sent Events stream."""
+    if len(prompts) * body.n > server.max_seqs_per_request:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} = {len(prompts) * body.n} sequences; one request "
+                            f"may ask for at most {server.max_seqs_per_request}", param="n")
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[Sequence, Event]] = asyncio.Queue()
     started = time.perf_counter()
-    sequences: list[Sequence] = []
     try:
-        for prompt in prompts:
-            sequences += engine.submit(prompt, params, body.n,
-                                       notify=lambda s, e: loop.call_soon_threadsafe(events.put_nowait, (s, e)))
+        sequences = engine.submit(prompts, params, body.n,
+                                  notify=lambda s, e: loop.call_soon_threadsafe(events.put_nowait, (s, e)))
     except ContextTooLong as e:
-        engine.cancel(sequences)
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    except QueueFull as e:
+        raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    except Draining as e:
+        raise APIError(503, str(e), type="service_unavailable", code="shutting_down") from None
     index = {seq.id: i for i, seq in enumerate(sequences)}
-    server.prompt_tokens.inc(sum(len(p) for p in prompts) * body.n)
+    server.prompt_tokens.inc(sum(len(seq.prompt_ids) for seq in sequences))
     response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-    render = _Render(engine, server.model_name, kind, response_id, params, sequences)
+    render = _Render(engine, server.model_name, kind, response_id, params, sequences, body.n)
 
     async def updates():
         """(sequence, event) until every sequence has finished."""
@@ -349,14 +487,7 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
         server.latency.observe(time.perf_counter() - started)
 
     if not body.stream:
-        try:
-            async for seq, event in updates():
-                if event.error is not None:
-                    raise APIError(500, f"generation failed: {event.error}", type="server_error", code="engine_error")
-                render.add(index[seq.id], event)
-        finally:
-            engine.cancel([s for s in sequences if s.finish_reason is None])
-        return render.whole()
+        return await _whole(engine, request, sequences, updates(), render, index)
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -366,28 +497,68 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
                 yield f"data: {json.dumps(chunk)}\n\n"
             async for seq, event in updates():
                 if event.error is not None:  # OpenAI streams report a failure as an error object
-                    error = {"message": f"generation failed: {event.error}", "type": "server_error",
-                             "param": None, "code": "engine_error"}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield _error_chunk(f"generation failed: {event.error}", "engine_error")
                     break
                 for chunk in render.stream_event(index[seq.id], event):
                     yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
                 yield f"data: {json.dumps(render.usage_chunk())}\n\n"
-            yield "data: [DONE]\n\n"
+        except Exception as e:  # past the first byte there is no status to change: say it in the stream
+            logger.exception("stream failed")
+            yield _error_chunk(f"internal server error ({type(e).__name__})", "internal_error")
         finally:  # the client went away (or we are done): free the slots now
-            engine.cancel([s for s in sequences if s.finish_reason is None])
+            engine.cancel(sequences)
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def _error_chunk(message: str, code: str) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
+
+
+async def _whole(engine: Engine, request: Request, sequences: list[Sequence], updates, render: _Render,
+                 index: dict[int, int]) -> dict:
+    """Collect a non-streamed answer; a client that leaves meanwhile cancels its sequences."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        async for seq, event in _until(updates, gone):
+            if event.error is not None:
+                raise APIError(500, f"generation failed: {event.error}", type="server_error", code="engine_error")
+            render.add(index[seq.id], event)
+    finally:
+        gone.cancel()
+        engine.cancel(sequences)
+    return render.whole()
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+
+
+async def _until(updates, gone: asyncio.Future):
+    """The items of `updates` until `gone` completes (then it stops early)."""
+    iterator = updates.__aiter__()
+    while True:
+        item = asyncio.ensure_future(iterator.__anext__())
+        await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not item.done():
+            item.cancel()
+            return
+        try:
+            yield item.result()
+        except StopAsyncIteration:
+            return
 
 
 class _Render:
     """Builds OpenAI response bodies and stream chunks from engine events."""
 
     def __init__(self, engine: Engine, model: str, kind: str, response_id: str, params: SamplingParams,
-                 sequences: list[Sequence]):
+                 sequences: list[Sequence], n: int):
         self.tok, self.model, self.kind, self.id, self.params = engine.tokenizer, model, kind, response_id, params
-        self.sequences = sequences  # choice i is sequences[i]
+        self.sequences, self.n = sequences, n  # choice i is sequences[i]; the n of one prompt are adjacent
         self.created = int(time.time())
         count = len(sequences)
         self.texts = [""] * count
@@ -406,7 +577,7 @@ class _Render:
         return self.sequences[i].prompt_ids
 
     def _usage(self) -> dict:
-        prompt = sum(len(seq.prompt_ids) for seq in self.sequences)
+        prompt = sum(len(seq.prompt_ids) for seq in self.sequences[:: self.n])  # each prompt once, whatever n is
         completion = sum(len(t) for t in self.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
