@@ -120,8 +120,10 @@ def test_data_made_with_another_tokenizer_is_refused(dataset):
 
 
 def test_too_little_data_for_a_batch(dataset):
-    with pytest.raises(ValueError, match="too few for one batch of 512 x 4097 tokens"):
-        TokenLoader(dataset, seq_len=4096, batch_size=512, split="val")
+    with pytest.raises(ValueError, match="too few for one batch of 4096 x 4097 tokens"):
+        TokenLoader(dataset, seq_len=4096, batch_size=4096, split="train")
+    # A validation split may be smaller than a batch (it is scored item by item), or empty.
+    assert TokenLoader(dataset, seq_len=4096, batch_size=512, split="val").batches_per_epoch == 0
 
 
 def test_truncated_shard_and_missing_manifest(tmp_path, dataset):

@@ -2,22 +2,27 @@
 
 import dataclasses
 import errno
+import hashlib
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer
 from havoc_training.checkpoint import checkpoints, export_checkpoint
 from havoc_training.config import TrainConfig, load_config
-from havoc_training.data import prepare
+from havoc_training.data import TokenLoader, prepare
 from havoc_training.metrics import read_metrics
 from havoc_training.trainer import Trainer, TrainingDiverged, lr_at
 
@@ -38,6 +43,10 @@ def config(tmp_path, data_dir, tokenizer_dir):
 
 def _losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r}
+
+
+def _val(out) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(Path(out) / "metrics.jsonl") if "val_loss" in r}
 
 
 def _cli_args(config: TrainConfig) -> list[str]:
@@ -76,8 +85,9 @@ def test_weight_decay_skips_norms(config):
 
 
 def test_resume_after_sigkill_is_bit_identical(config, tmp_path):
+    # Dropout draws from the CPU generator: bit-identical losses need its state restored too.
     config = dataclasses.replace(config, seq_len=64, micro_batch=8, global_batch_tokens=1024, max_steps=40,
-                                 save_every=20, eval_every=20)
+                                 save_every=20, eval_every=20, model_overrides={"dropout": 0.1})
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
     run = subprocess.run([sys.executable, "-m", "havoc.cli", "train", *_cli_args(straight)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -100,9 +110,10 @@ def test_resume_after_sigkill_is_bit_identical(config, tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(config, tmp_path, parallel):
-    one = dataclasses.replace(config, out=str(tmp_path / "one"), max_steps=6)
+    # The same micro_batch: one process accumulates 4 micro-batches per step, each of two accumulates 2.
+    one = dataclasses.replace(config, out=str(tmp_path / "one"), max_steps=6, micro_batch=2)
     Trainer(one).train()
-    two = dataclasses.replace(one, out=str(tmp_path / "two"), micro_batch=2, parallel=parallel)
+    two = dataclasses.replace(one, out=str(tmp_path / "two"), parallel=parallel)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "havoc.cli", "train", *_cli_args(two)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -110,6 +121,11 @@ def test_two_processes_match_one(config, tmp_path, parallel):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+    # Validation scores the same tokens whatever the number of processes (eval_batches is global).
+    val_a, val_b = (_val(out) for out in (one.out, two.out))
+    assert sorted(val_a) == sorted(val_b) == [4, 6]
+    for step in val_a:
+        assert abs(val_a[step] - val_b[step]) <= 1e-5 * val_a[step], (step, val_a[step], val_b[step])
     # The sharded checkpoint exports to one ordinary folder.
     model = HavocModel.load_pretrained(export_checkpoint(checkpoints(Path(two.out) / "checkpoints")[-1], tmp_path / "m"))
     assert model.config.vocab_size == 1000
@@ -126,11 +142,24 @@ def test_export_gives_the_trained_weights_and_tokenizer(config, tmp_path):
     assert HavocTokenizer.load(out).sha256 == trainer.tokenizer.sha256
 
 
+def _saved_for_backward(trainer) -> int:
+    """Bytes of activations one forward keeps for the backward pass."""
+    saved = []
+    inputs, _ = trainer.loader.next_batch()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        trainer.model(inputs).logits.sum()
+    return sum(saved)
+
+
 def test_activation_checkpointing_changes_memory_not_results(config, tmp_path):
     plain = dataclasses.replace(config, out=str(tmp_path / "plain"), max_steps=4)
     checkpointed = dataclasses.replace(plain, out=str(tmp_path / "ckpt"), activation_checkpointing=True)
-    Trainer(plain).train()
-    Trainer(checkpointed).train()
+    a, b = Trainer(plain), Trainer(checkpointed)
+    # Each block keeps only its input; the rest is recomputed in backward.
+    assert _saved_for_backward(b) < 0.6 * _saved_for_backward(a)
+    a.train()
+    b.train()
     assert _losses(plain.out) == _losses(checkpointed.out)
 
 
@@ -138,6 +167,63 @@ def test_resume_of_a_finished_run_says_so(config):
     Trainer(dataclasses.replace(config, max_steps=4)).train()
     with pytest.raises(ValueError, match="already at step 4 and max_steps is 4; raise max_steps"):
         Trainer(dataclasses.replace(config, max_steps=4), resume=True).train()
+
+
+def test_validation_bits_per_byte_counts_the_targets_bytes(config, tokenizer):
+    trainer = Trainer(config)
+    result = trainer.evaluate()
+    val = TokenLoader(config.data, config.seq_len, 1, split="val", shuffle=False)
+    count = config.eval_batches * config.micro_batch
+    lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    nats = n_bytes = tokens = 0.0
+    trainer.raw_model.eval()
+    with torch.no_grad():
+        for i in range(count):  # one window at a time: an independent computation
+            inputs, targets = val._batch(np.array([i]))
+            logits = trainer.raw_model(inputs).logits
+            nats += torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum").item()
+            n_bytes += lengths[targets[0]].sum().item()
+            tokens += targets.numel()
+    assert result["val_loss"] == pytest.approx(nats / tokens, rel=1e-6)
+    assert result["val_bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-6)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_accumulation_equals_a_bigger_micro_batch(config, tmp_path, chat, request):
+    # micro_batch 2 x 2 accumulation steps must equal micro_batch 4 x 1 in losses and final weights;
+    # with chat data the targets are masked unevenly, so per-micro-batch means would differ.
+    if chat:
+        config = request.getfixturevalue("chat_config")
+    big = dataclasses.replace(config, out=str(tmp_path / "big"), micro_batch=4, global_batch_tokens=4 * config.seq_len,
+                              max_steps=3, eval_every=100)
+    small = dataclasses.replace(big, out=str(tmp_path / "small"), micro_batch=2)
+    a, b = Trainer(big, chat=chat), Trainer(small, chat=chat)
+    assert (a.accumulation, b.accumulation) == (1, 2)
+    a.train()
+    b.train()
+    for step, loss in _losses(big.out).items():
+        assert _losses(small.out)[step] == pytest.approx(loss, rel=1e-5)
+    for (name, x), y in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def chat_config(tmp_path, tokenizer_dir, tokenizer):
+    import random
+
+    rng = random.Random(1)
+    lines = []
+    for i in range(80):  # replies of very different lengths: uneven masks
+        reply = " ".join(rng.choice(["red", "green", "blue"]) for _ in range(rng.randint(1, 12)))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{i}: say colours"},
+                                              {"role": "assistant", "content": reply}]}))
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    HavocModel(dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size)).save_pretrained(
+        tmp_path / "base")
+    return TrainConfig(data=str(tmp_path / "chats.jsonl"), tokenizer=str(tokenizer_dir), out=str(tmp_path / "ft"),
+                       init_from=str(tmp_path / "base"), seq_len=48, micro_batch=4, global_batch_tokens=192,
+                       max_steps=4, lr=3e-3, warmup_steps=1, log_every=1, eval_every=2, eval_batches=2, save_every=2)
 
 
 def test_config_files_and_overrides(tmp_path, config):
@@ -148,6 +234,18 @@ def test_config_files_and_overrides(tmp_path, config):
     assert loaded.model_config(1000).num_layers == 3
     (tmp_path / "c.yaml").write_text(f"data: {config.data}\ntokenizer: {config.tokenizer}\nseq_len: 64\n")
     assert load_config(tmp_path / "c.yaml").seq_len == 64
+
+
+@pytest.mark.parametrize("line, message", [
+    ("lr: fast", "lr must be a float, got 'fast'"),
+    ("max_steps: 1.5", "max_steps must be an int, got 1.5"),
+    ("compile: yes please", "compile must be a bool, got 'yes please'"),
+    ("model_overrides: 4", "model_overrides must be a dict[str, Any], got 4"),
+])
+def test_wrong_types_name_the_key_and_the_type(tmp_path, config, line, message):
+    (tmp_path / "c.yaml").write_text(f"data: d\ntokenizer: t\n{line}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(tmp_path / "c.yaml")
 
 
 # Bad input
@@ -215,8 +313,126 @@ def test_crafted_checkpoint_metadata_never_runs_code(config, tmp_path, monkeypat
     marker = tmp_path / "pwned"
     monkeypatch.setenv("HAVOC_PWNED", str(marker))
     (checkpoint / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(ValueError, match=r"is damaged: .*\.metadata has 111 bytes, the checksums say"):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    # An attacker who also rewrites the checksums still meets the allow-list unpickler.
+    checksums = json.loads((checkpoint / "checksums.json").read_text())
+    checksums[".metadata"] = {"bytes": (checkpoint / ".metadata").stat().st_size,
+                              "sha256": hashlib.sha256((checkpoint / ".metadata").read_bytes()).hexdigest()}
+    (checkpoint / "checksums.json").write_text(json.dumps(checksums))
     with pytest.raises(ValueError, match="refusing checkpoint .*posix.system has no place in checkpoint metadata"):
         export_checkpoint(checkpoint, tmp_path / "out")
     with pytest.raises(ValueError, match="refusing checkpoint"):
         Trainer(dataclasses.replace(config, max_steps=8), resume=True)
     assert not marker.exists()
+
+
+# Hardening: a run never destroys another's files, and damaged checkpoints are named, never trained on.
+def test_a_used_out_is_refused_and_never_deleted(config, capsys):
+    first = dataclasses.replace(config, max_steps=4)
+    Trainer(first).train()
+    out = Path(config.out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and "tensorboard" not in p.parts}
+    with pytest.raises(FileExistsError, match="already holds a run .*step-000004.*--resume.*--overwrite"):
+        Trainer(dataclasses.replace(config, max_steps=8))
+    assert {p: p.read_bytes() for p in before} == before  # nothing touched
+    run = subprocess.run([sys.executable, "-m", "havoc.cli", "train", *_cli_args(config)], capture_output=True, text=True)
+    assert run.returncode == 1 and "--overwrite" in run.stderr
+    Trainer(dataclasses.replace(config, max_steps=6, save_every=3), overwrite=True).train()
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-000003", "step-000006"]
+    assert sorted(_losses(out)) == list(range(1, 7))
+
+
+def _flip(path: Path, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(count):
+        data[len(data) // 2 + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_are_named_and_resume_falls_back(config, tmp_path, capsys):
+    Trainer(dataclasses.replace(config, max_steps=8)).train()
+    newest = checkpoints(Path(config.out) / "checkpoints")[-1]
+    _flip(newest / "__0_0.distcp")
+    with pytest.raises(ValueError, match=r"step-000008 is damaged: .*__0_0.distcp does not match its checksum"):
+        export_checkpoint(newest, tmp_path / "model")
+    trainer = Trainer(dataclasses.replace(config, max_steps=12), resume=True)
+    printed = capsys.readouterr().out
+    assert "warning: checkpoint" in printed and "__0_0.distcp does not match" in printed
+    assert trainer.step == 4 and "resumed from" in printed and "step-000004" in printed
+    (newest.parent / "step-000004" / "loader-rank0.json").write_text('{"epoch": 0, "pos')  # torn
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        Trainer(dataclasses.replace(config, max_steps=12), resume=True)
+    assert "loader-rank0.json has 17 bytes, the checksums say" in capsys.readouterr().out
+
+
+def test_a_kill_while_rotating_leaves_no_half_checkpoint_that_looks_complete(config, monkeypatch):
+    import shutil
+
+    import havoc_training.checkpoint as checkpoint_module
+
+    real = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if "000002" in str(path) and Path(path).exists():
+            for part in Path(path).glob("*.distcp"):
+                part.unlink()
+            raise KeyboardInterrupt("killed while deleting")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(dataclasses.replace(config, max_steps=4, save_every=2, keep_last=1)).train()
+    root = Path(config.out) / "checkpoints"
+    assert [p.name for p in checkpoints(root)] == ["step-000004"]
+    monkeypatch.undo()
+    Trainer(dataclasses.replace(config, max_steps=6, save_every=2, keep_last=1), resume=True).train()
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006"]  # the remnant was cleaned
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(config, capsys):
+    Trainer(dataclasses.replace(config, max_steps=4)).train()
+    metrics = Path(config.out) / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # a kill mid-append
+    Trainer(dataclasses.replace(config, max_steps=6), resume=True).train()
+    assert "torn last record" in capsys.readouterr().err
+    assert sorted(_losses(config.out)) == list(range(1, 7))
+    metrics.write_text('{"step": 1\n' + metrics.read_text())  # torn in the middle: not ours to guess
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1 is not valid JSON"):
+        read_metrics(metrics)
+
+
+def test_seq_len_longer_than_the_model_is_checked_at_start(config, capsys):
+    with pytest.raises(ValueError, match="seq_len 64 is longer than the model's max_seq_len 32 .*model_overrides"):
+        Trainer(dataclasses.replace(config, seq_len=64, model_overrides={"max_seq_len": 32}))
+    trainer = Trainer(dataclasses.replace(config, seq_len=300, global_batch_tokens=1200))
+    assert trainer.model_config.max_seq_len == 300
+    assert "max_seq_len raised from the tiny preset's 256 to seq_len 300" in capsys.readouterr().out
+
+
+def test_export_when_the_tokenizer_has_moved(config, tmp_path, tokenizer_dir):
+    import shutil
+
+    moved = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, moved)
+    Trainer(dataclasses.replace(config, tokenizer=str(moved), max_steps=4)).train()
+    checkpoint = checkpoints(Path(config.out) / "checkpoints")[-1]
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer .*tok has no tokenizer.json .*pass --tokenizer"):
+        export_checkpoint(checkpoint, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    HavocTokenizer.train([f"other {i}" for i in range(200)], vocab_size=300).save(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the tokenizer the checkpoint was trained with"):
+        export_checkpoint(checkpoint, tmp_path / "b", tokenizer=tmp_path / "other")
+    from havoc.cli import main
+
+    assert main(["export", str(checkpoint), str(tmp_path / "c"), "--tokenizer", str(tokenizer_dir)]) == 0
+    assert HavocTokenizer.load(tmp_path / "c").sha256 == HavocTokenizer.load(tokenizer_dir).sha256
+
+
+def test_training_without_validation_data(tmp_path, tokenizer, corpus_files, config, capsys):
+    prepare(Corpus(corpus_files[:20]), tokenizer, tmp_path / "noval", val_fraction=0)
+    summary = Trainer(dataclasses.replace(config, data=str(tmp_path / "noval"))).train()
+    out = capsys.readouterr().out
+    assert out.count("training without validation") == 1 and "val_loss" not in summary
+    assert summary["steps"] == config.max_steps

@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> None:
     from havoc_training.trainer import Trainer
 
     config = load_config(args.config, overrides_from(args))
-    summary = Trainer(config, resume=args.resume, chat=args.command == "finetune").train()
+    summary = Trainer(config, resume=args.resume, chat=args.command == "finetune", overwrite=args.overwrite).train()
     if int(os.environ.get("RANK", "0")) == 0:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
 
@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from havoc_training.checkpoint import export_checkpoint
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)}")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -197,13 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
                               ("finetune", "supervised fine-tuning on chat JSONL (optionally LoRA)")):
         run = commands.add_parser(name, help=description)
         run.add_argument("config", nargs="?", help="a .toml or .yaml training config; flags below override its keys")
-        run.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in out")
+        run.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in out")
+        run.add_argument("--overwrite", action="store_true",
+                         help="replace the run already in out (its checkpoints and metrics are deleted)")
         add_override_flags(run)
         run.set_defaults(func=_train)
 
     export = commands.add_parser("export", help="write a training checkpoint as a save_pretrained folder")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/havoc/checkpoints/step-001000")
     export.add_argument("out", help="new folder (config.json, model.safetensors and the tokenizer)")
+    export.add_argument("--tokenizer", help="the tokenizer folder, if it has moved since training "
+                                            "(default: the one the checkpoint recorded)")
     export.set_defaults(func=_export)
 
     quick = commands.add_parser("quickstart", help="tokenizer, data, a few minutes of training and samples")

@@ -1,13 +1,16 @@
 """Training checkpoints: model and optimizer through torch.distributed.checkpoint (sharded under FSDP2),
 plus the schedule step, each rank's RNG state and data position.
 
-A checkpoint is written under `.step-NNNNNN.partial` and renamed to `step-NNNNNN` once complete
-(trainer_state.json, written last, marks completion), so a save killed halfway never harms the
-previous checkpoint. The last `keep_last` are kept.
+A checkpoint is written under `.step-NNNNNN.partial` and renamed to `step-NNNNNN` once complete.
+Its last file, checksums.json, holds the size and sha256 of every other file: it marks completion,
+and resume and export verify it, so flipped or missing bytes are named, never trained on. The last
+`keep_last` are kept; an old one is renamed to `.step-NNNNNN.deleting` before it is deleted, so a
+kill mid-deletion never leaves a half checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -22,10 +25,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from havoc_core.atomic import atomic_directory
 from havoc_core.config import HavocConfig
-from havoc_core.tokenizer.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from havoc_core.tokenizer.tokenizer import TOKENIZER_FILE
 from havoc_training.lora import apply_lora, merge_lora
 
 STATE_FILE = "trainer_state.json"
+CHECKSUMS_FILE = "checksums.json"
 # One process without a process group is a normal way to run, not something to warn about.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -72,12 +76,80 @@ def _check_metadata(path: Path) -> None:
         raise ValueError(f"refusing checkpoint {path}: its .metadata is not plain checkpoint metadata ({e})") from None
 
 
+def read_json(path: Path, what: str):
+    """The JSON in `path`; a missing or torn file is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is torn or corrupted ({e}); use an earlier checkpoint") from None
+
+
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root`, oldest first (complete: checksums.json was written)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).exists()]
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / CHECKSUMS_FILE).exists()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _share(path: Path, rank: int, world_size: int) -> list[Path]:
+    """This rank's share of a checkpoint's files: the ranks hash (and verify) in parallel."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
+    return files[rank::world_size]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise a ValueError naming the first file of `path` that is missing, of another size, or
+    whose bytes differ from checksums.json. Under torchrun each rank checks its share."""
+    rank, world_size = _rank(), dist.get_world_size() if dist.is_initialized() else 1
+    problem = None
+    try:
+        expected = read_json(path / CHECKSUMS_FILE, "checkpoint checksums")
+        for name, entry in sorted(expected.items())[rank::world_size]:
+            file = path / name
+            if not file.is_file():
+                problem = f"{file} is missing"
+            elif file.stat().st_size != entry["bytes"]:
+                problem = f"{file} has {file.stat().st_size} bytes, the checksums say {entry['bytes']} (truncated?)"
+            elif _sha256(file) != entry["sha256"]:
+                problem = f"{file} does not match its checksum: its bytes were changed or corrupted"
+            if problem:
+                break
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"{path / CHECKSUMS_FILE} cannot be read ({e})"
+    if dist.is_initialized():
+        problems = [None] * world_size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise ValueError(f"checkpoint {path} is damaged: {problem}")
+
+
+def _write_checksums(tmp: Path, rank: int, world_size: int) -> None:
+    mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _share(tmp, rank, world_size)}
+    if dist.is_initialized():
+        shares = [None] * world_size
+        dist.all_gather_object(shares, mine)
+        mine = {k: v for share in shares for k, v in share.items()}
+    if rank == 0:
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(mine, indent=2, sort_keys=True))
+
+
+def _delete(path: Path) -> None:
+    """Delete a checkpoint folder, first renaming it to a name `checkpoints()` never lists."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_config: HavocConfig,
@@ -86,6 +158,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.partial"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step-*.deleting"):  # a deletion a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     try:
@@ -96,15 +170,17 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / f"rng-rank{rank}.pt")
         (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
-        _barrier()
         if rank == 0:
             state = {"step": step, "world_size": world_size, "model_config": model_config.to_dict(), **extra}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _barrier()
+        _write_checksums(tmp, rank, world_size)  # last: marks completion
+        if rank == 0:
             if final.exists():  # a re-run reaching the same step replaces its own older copy
-                shutil.rmtree(final)
+                _delete(final)
             tmp.rename(final)
             for old in checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete(old)
     except OSError as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,8 +192,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocConfig) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state (step, ...)."""
-    state = json.loads((path / STATE_FILE).read_text())
+    """Restore everything `save_checkpoint` wrote, after verifying it; returns the trainer state (step, ...)."""
+    verify_checkpoint(path)
+    state = read_json(path / STATE_FILE, "trainer state")
     saved = HavocConfig.from_dict(state["model_config"])
     if saved != model_config:
         now = model_config.to_dict()
@@ -133,7 +210,7 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
     dcp.load(target, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     rank = _rank()
-    loader.load_state_dict(json.loads((path / f"loader-rank{rank}.json").read_text()))
+    loader.load_state_dict(read_json(path / f"loader-rank{rank}.json", "data position"))
     rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -141,14 +218,27 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
     return state
 
 
-def export_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """Write a training checkpoint as a `save_pretrained` folder (config.json + model.safetensors)."""
+def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a training checkpoint as a `save_pretrained` folder (config.json + model.safetensors)
+    with its tokenizer: `tokenizer`, or the one the checkpoint recorded."""
     from havoc_core.model import HavocModel
+    from havoc_core.tokenizer import HavocTokenizer
 
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text())
+    verify_checkpoint(path)
+    state = read_json(path / STATE_FILE, "trainer state")
+    tokenizer_dir = Path(tokenizer or state.get("tokenizer", ""))
+    if not (tokenizer_dir / TOKENIZER_FILE).exists():
+        where = f"--tokenizer {tokenizer}" if tokenizer else f"the checkpoint's tokenizer {state.get('tokenizer')}"
+        raise FileNotFoundError(f"{where} has no {TOKENIZER_FILE} (moved or deleted?); pass --tokenizer with the "
+                                "folder the model was trained with")
+    loaded = HavocTokenizer.load(tokenizer_dir)
+    recorded = state.get("tokenizer_sha256")
+    if recorded and loaded.sha256 != recorded:
+        raise ValueError(f"{tokenizer_dir} is not the tokenizer the checkpoint was trained with (sha256 "
+                         f"{loaded.sha256[:12]}..., trained with {recorded[:12]}...)")
     model = HavocModel(HavocConfig.from_dict(state["model_config"]))
     if "lora" in state:
         apply_lora(model, state["lora"]["rank"], state["lora"]["alpha"], state["lora"]["targets"])
@@ -158,10 +248,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     model.load_state_dict(target["model"])
     if "lora" in state:
         merge_lora(model)  # the export is a plain model with the adapters folded in
-    tokenizer = Path(state.get("tokenizer", ""))
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):  # a served model needs its tokenizer beside it
-            if (tokenizer / name).exists():
-                shutil.copy(tokenizer / name, tmp / name)
+        loaded.save(tmp)  # a served model needs its tokenizer beside it
     return Path(out)

@@ -39,7 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # validation scores the first eval_batches x micro_batch sequences, whatever the processes
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10
@@ -53,9 +53,12 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
     def __post_init__(self) -> None:
+        problems = [_type_problem(f.name, f.type, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        problems = [p for p in problems if p]
+        if problems:  # before any comparison, which would fail with a message naming nothing
+            raise ValueError("invalid training config: " + "; ".join(problems))
         if not self.tokenizer and self.init_from and (Path(self.init_from) / "tokenizer.json").exists():
             self.tokenizer = self.init_from  # `havoc export` puts the tokenizer beside the model
-        problems = []
         for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_batches",
                      "save_every", "keep_last", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -72,11 +75,14 @@ class TrainConfig:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
     def model_config(self, vocab_size: int) -> HavocConfig:
+        """The model to train from scratch. Its max_seq_len grows to seq_len unless model_overrides set it."""
         base = HavocConfig.preset(self.model).to_dict()
         unknown = sorted(set(self.model_overrides) - set(base))
         if unknown:
             raise ValueError(f"unknown model_overrides keys: {', '.join(unknown)}")
         merged = {**base, **self.model_overrides, "vocab_size": vocab_size}
+        if "max_seq_len" in self.model_overrides:
+            check_seq_len(self.seq_len, merged["max_seq_len"], "model_overrides")
         merged["max_seq_len"] = max(merged["max_seq_len"], self.seq_len)
         return HavocConfig.from_dict(merged)
 
@@ -88,6 +94,25 @@ class TrainConfig:
                 f"processes = {self.seq_len} x {self.micro_batch} x {world_size} = {per_pass}"
             )
         return self.global_batch_tokens // per_pass
+
+
+def check_seq_len(seq_len: int, max_seq_len: int, source: str) -> None:
+    if seq_len > max_seq_len:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's max_seq_len {max_seq_len} (from {source}); "
+                         "lower seq_len")
+
+
+_EXPECTED = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict[str, Any]": (dict,),
+             "list[str]": (list,)}
+
+
+def _type_problem(name: str, annotation: str, value: Any) -> str | None:
+    expected = _EXPECTED[annotation]
+    wrong_bool = isinstance(value, bool) and bool not in expected  # True is an int to Python, not to a config
+    if isinstance(value, expected) and not wrong_bool and not (annotation == "list[str]" and not all(
+            isinstance(v, str) for v in value)):
+        return None
+    return f"{name} must be {'a' if annotation[0] not in 'i' else 'an'} {annotation}, got {value!r}"
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -239,7 +239,7 @@ class TokenLoader(EpochBatches):
         windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self._first_window = np.cumsum([0, *windows])
         self._setup_order(int(self._first_window[-1]), batch_size, seed, rank, world_size, shuffle)
-        if self.batches_per_epoch == 0:
+        if self.batches_per_epoch == 0 and split == "train":  # a small or empty validation split is allowed
             tokens = self.manifest["splits"][split]["tokens"]
             raise ValueError(
                 f"the {split} split has {tokens} tokens: too few for one batch of {batch_size} x "

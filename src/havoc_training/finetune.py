@@ -33,7 +33,8 @@ def read_chats(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
 class ChatLoader(EpochBatches):
     """Conversations as (inputs, targets): right-padded to the longest in the batch, targets -100
     except on assistant contents and their <|end|>. Causal attention never looks right, so the
-    right padding needs no mask. Conversations longer than seq_len + 1 tokens are cut."""
+    right padding needs no mask. A conversation longer than seq_len + 1 tokens is cut there; one
+    with no assistant token left is not used. `report` says how many of each."""
 
     def __init__(self, path: str | os.PathLike, tokenizer: HavocTokenizer, seq_len: int, batch_size: int,
                  split: str = "train", val_fraction: float = 0.05, seed: int = 0, rank: int = 0,
@@ -42,6 +43,7 @@ class ChatLoader(EpochBatches):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.seq_len, self.pad_id = split, seq_len, tokenizer.pad_token_id
         self.examples = []
+        conversations = no_reply = cut_away = cut = 0
         for source, messages in read_chats(path):
             try:  # every conversation is checked, whichever split it belongs to
                 ids, learn = tokenizer.encode_chat(messages)
@@ -49,12 +51,26 @@ class ChatLoader(EpochBatches):
                 raise ValueError(f"{Path(path).parent / source}: {e}") from None
             if in_val_split(json.dumps(messages, sort_keys=True), val_fraction) != (split == "val"):
                 continue
-            ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
+            conversations += 1
+            if not any(learn):  # nothing to learn from a chat without assistant text
+                no_reply += 1
+                continue
+            if len(ids) > seq_len + 1:
+                ids, learn = ids[: seq_len + 1], learn[: seq_len + 1]
+                if not any(learn[1:]):
+                    cut_away += 1
+                    continue
+                cut += 1
             targets = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], learn[1:])]
-            if any(t != IGNORE_INDEX for t in targets):  # nothing to learn from a chat without assistant text
-                self.examples.append((ids[:-1], targets))
+            self.examples.append((ids[:-1], targets))
+        self.report = ", ".join(f"{count} {why}" for count, why in (
+            (no_reply, "had no assistant message and were left out"),
+            (cut_away, f"had no assistant token within seq_len + 1 = {seq_len + 1} tokens and were left out"),
+            (cut, f"were cut to seq_len + 1 = {seq_len + 1} tokens (raise seq_len to keep them whole)")) if count)
+        if self.report:
+            self.report = f"{path}: of {conversations} {split} conversations, {self.report}"
         self._setup_order(len(self.examples), batch_size, seed, rank, world_size, shuffle)
-        if self.batches_per_epoch == 0:
+        if self.batches_per_epoch == 0 and split == "train":
             raise ValueError(f"{path}: the {split} split has {len(self.examples)} usable conversations, too few for "
                              f"one batch of {batch_size} on each of {world_size} ranks")
 

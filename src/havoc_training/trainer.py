@@ -10,11 +10,13 @@ import functools
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,17 +24,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from havoc_core.config import HavocConfig
 from havoc_core.interop import hf_to_havoc
 from havoc_core.model import HavocModel
 from havoc_core.model.transformer import IGNORE_INDEX
 from havoc_core.pretrained import check_vocab
 from havoc_core.tokenizer import HavocTokenizer
-from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from havoc_training.config import TrainConfig
+from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from havoc_training.config import TrainConfig, check_seq_len
 from havoc_training.data import TokenLoader
 from havoc_training.finetune import ChatLoader
 from havoc_training.lora import apply_lora
-from havoc_training.metrics import MetricsLog
+from havoc_training.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
 
 # Dense bf16 peak of known cards, for MFU.
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -61,26 +64,36 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) ->
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, chat: bool = False):
-        """`chat=True` fine-tunes on a chat JSONL (loss on assistant tokens only) instead of a prepared dataset."""
+    def __init__(self, config: TrainConfig, resume: bool = False, chat: bool = False, overwrite: bool = False):
+        """`chat=True` fine-tunes on a chat JSONL (loss on assistant tokens only) instead of a prepared dataset.
+        `resume` continues the run in config.out; `overwrite` replaces it; with neither, out must hold no run."""
         self.config, self.chat = config, chat
         if chat and not config.init_from:
             raise ValueError("fine-tuning needs init_from: a HAVOC checkpoint or a Hugging Face Llama folder")
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in out and --overwrite replaces it: choose one")
         self.rank, self.world_size = _init_distributed()
         self.device = _device(config.device, self.rank)
         self.out = Path(config.out)
+        self._claim_out(resume, overwrite)
         self.tokenizer = HavocTokenizer.load(config.tokenizer)
         self.accumulation = config.accumulation_steps(self.world_size)
-        self.loader = self._loader("train")
-        self.val_loader = self._loader("val", shuffle=False)  # the same first batches at every evaluation
+        self.loader = self._loader("train", config.micro_batch, self.rank, self.world_size, shuffle=True)
+        self.val_loader = self._validation_loader()
         torch.manual_seed(config.seed)
         if config.init_from:
             model = _load_init(config.init_from, self.device)
             check_vocab(model.config, self.tokenizer, config.init_from)
+            check_seq_len(config.seq_len, model.config.max_seq_len, f"init_from {config.init_from}")
             model.train()
         else:
+            model_config = config.model_config(self.tokenizer.vocab_size)
+            preset_len = HavocConfig.preset(config.model).max_seq_len
+            if model_config.max_seq_len > preset_len:
+                self._print(f"note: max_seq_len raised from the {config.model} preset's {preset_len} to seq_len "
+                            f"{config.seq_len} (set model_overrides max_seq_len to choose another)")
             with torch.device(self.device):
-                model = HavocModel(config.model_config(self.tokenizer.vocab_size))
+                model = HavocModel(model_config)
         self.model_config = model.config
         if config.lora_rank:
             apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
@@ -94,13 +107,44 @@ class Trainer:
         self.metrics = MetricsLog(self.out, enabled=self.rank == 0, keep_until_step=self.step)
 
     # Set-up.
-    def _loader(self, split: str, shuffle: bool = True):
+    def _claim_out(self, resume: bool, overwrite: bool) -> None:
+        """Never train over another run's files without being told: they would be deleted or mixed in."""
+        previous = [p for p in (self.out / METRICS_FILE,) if p.exists() and p.stat().st_size] + \
+            sorted((self.out / "checkpoints").glob("step-*"))  # the newest checkpoint last, to be named
+        if not previous or resume:
+            return
+        if not overwrite:
+            raise FileExistsError(f"{self.out} already holds a run ({previous[-1]}); pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose a new out")
+        if self.rank == 0:
+            self._print(f"--overwrite: removing the previous run's checkpoints and metrics from {self.out}")
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+            for name in (METRICS_FILE, PLOT_FILE):
+                (self.out / name).unlink(missing_ok=True)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _loader(self, split: str, batch_size: int, rank: int, world_size: int, shuffle: bool):
         config = self.config
-        common = dict(split=split, seed=config.seed, rank=self.rank, world_size=self.world_size, shuffle=shuffle)
+        common = dict(split=split, seed=config.seed, rank=rank, world_size=world_size, shuffle=shuffle)
         if self.chat:
-            return ChatLoader(config.data, self.tokenizer, config.seq_len, config.micro_batch,
-                              val_fraction=config.val_fraction, **common)
-        return TokenLoader(config.data, config.seq_len, config.micro_batch, tokenizer=self.tokenizer, **common)
+            loader = ChatLoader(config.data, self.tokenizer, config.seq_len, batch_size,
+                                val_fraction=config.val_fraction, **common)
+            if loader.report:
+                self._print(f"note: {loader.report}")
+            return loader
+        return TokenLoader(config.data, config.seq_len, batch_size, tokenizer=self.tokenizer, **common)
+
+    def _validation_loader(self):
+        """Every validation item in order, the same on every rank: evaluate() gives each rank its share."""
+        loader = self._loader("val", 1, 0, 1, shuffle=False)
+        if loader.num_items == 0:
+            what = "conversation" if self.chat else f"window of seq_len + 1 = {self.config.seq_len + 1} tokens"
+            self._print(f"note: the validation split of {self.config.data} has no {what}: training without "
+                        "validation")
+            return None
+        return loader
 
     def _parallelize(self, model: HavocModel) -> torch.nn.Module:
         config = self.config
@@ -127,9 +171,18 @@ class Trainer:
         if not found:
             self._print(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
             return
-        state = load_checkpoint(found[-1], self.model, self.optimizer, self.loader, self.model_config)
-        self.step = state["step"]
-        self._print(f"resumed from {found[-1]} at step {self.step}")
+        for path in reversed(found):
+            try:
+                verify_checkpoint(path)
+            except ValueError as e:
+                self._print(f"warning: {e}; falling back to the checkpoint before it")
+                continue
+            state = load_checkpoint(path, self.model, self.optimizer, self.loader, self.model_config)
+            self.step = state["step"]
+            self._print(f"resumed from {path} at step {self.step}")
+            return
+        raise ValueError(f"no intact checkpoint under {self.out / 'checkpoints'} (each is damaged: see above); "
+                         "start again with --overwrite or a new out")
 
     # The loop.
     def train(self) -> dict:
@@ -165,11 +218,11 @@ class Trainer:
                 self.metrics.log(record)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
                 last_log, window_start = self.step, time.perf_counter()
-            if self.step % config.eval_every == 0 or self.step == config.max_steps:
+            if self.val_loader is not None and (self.step % config.eval_every == 0 or self.step == config.max_steps):
                 summary = self.evaluate()
                 self.metrics.log({"step": self.step, **summary})
             if self.step % config.save_every == 0 or self.step == config.max_steps:
-                extra = {"tokenizer": str(Path(config.tokenizer).resolve())}
+                extra = {"tokenizer": str(Path(config.tokenizer).resolve()), "tokenizer_sha256": self.tokenizer.sha256}
                 if config.lora_rank:
                     extra["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets}
                 save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.loader,
@@ -184,45 +237,59 @@ class Trainer:
         return result
 
     def _train_step(self) -> float:
-        total = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+        """One optimizer step; the loss is the sum of nats over the global count of target tokens, so
+        every token weighs the same whatever micro-batch, accumulation step or rank it falls in."""
+        batches = [tuple(t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+                   for _ in range(self.accumulation)]
+        tokens = sum((targets != IGNORE_INDEX).sum() for _, targets in batches).double()
+        if self.world_size > 1:
+            dist.all_reduce(tokens)
+        # DDP and FSDP average gradients over ranks: scaling by the world size makes that average a sum.
+        scale = self.world_size / tokens.clamp(min=1)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for micro, (inputs, targets) in enumerate(batches):
             # DDP: only the last micro-batch all-reduces gradients.
             sync = micro == self.accumulation - 1 or not isinstance(self.model, DistributedDataParallel)
             context = self.model.no_sync() if not sync else nullcontext()
             with context, self._autocast():
                 logits = self.model(inputs).logits
-                loss = _mean_loss(logits, targets) / self.accumulation
-            loss.backward()
-            total += loss.detach()
+                nats = _nats(logits, targets)
+            (nats * scale.float()).backward()
+            total += nats.detach().double()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        return total.item()
+            dist.all_reduce(total)
+        return (total / tokens.clamp(min=1)).item()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss and bits-per-byte on the first eval_batches batches of the validation split."""
+        """Mean loss and bits-per-byte on the first eval_batches x micro_batch validation items: the same
+        items whatever the number of processes, each rank scoring its share."""
         self.model.eval()
-        val = self.val_loader
-        val.rewind()
+        val, micro = self.val_loader, self.config.micro_batch
+        count = min(self.config.eval_batches * micro, val.num_items)
+        mine = np.arange(count)[self.rank :: self.world_size]
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
-        for _ in range(min(self.config.eval_batches, val.batches_per_epoch)):
-            inputs, targets = (t.to(self.device) for t in val.next_batch())
+        # Every rank runs as many forwards as the busiest one (DDP and FSDP forwards are collective);
+        # a rank with nothing left scores an item with every target masked.
+        for b in range(math.ceil(math.ceil(count / self.world_size) / micro)):
+            indices = mine[b * micro : (b + 1) * micro]
+            inputs, targets = (t.to(self.device) for t in val._batch(indices if len(indices) else np.arange(1)))
+            if not len(indices):
+                targets = torch.full_like(targets, IGNORE_INDEX)
             with self._autocast():
                 logits = self.model(inputs).logits
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum",
-                                   ignore_index=IGNORE_INDEX)
             scored = targets[targets != IGNORE_INDEX]
-            sums += torch.stack([nats.double(), torch.tensor(scored.numel(), device=self.device, dtype=torch.float64),
+            sums += torch.stack([_nats(logits, targets).double(),
+                                 torch.tensor(scored.numel(), device=self.device, dtype=torch.float64),
                                  self.token_bytes[scored].sum()])
         if self.world_size > 1:
             dist.all_reduce(sums)
         self.model.train()
         nats, tokens, n_bytes = sums.tolist()
-        return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+        return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
 
     def _autocast(self):
         # bf16 autocast with fp32 master weights on GPU; plain fp32 on CPU.
@@ -233,10 +300,9 @@ class Trainer:
             print(message, flush=True)
 
 
-def _mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored targets (0, not NaN, when a micro-batch has none)."""
-    nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
-    return nats / (targets != IGNORE_INDEX).sum().clamp(min=1)
+def _nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the scored targets, in nats."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def _load_init(path: str, device: torch.device) -> HavocModel:
