@@ -76,6 +76,24 @@ def test_loader_order_comes_from_the_seed(dataset):
     assert ordered[1].tolist() == first_shard[16:32].tolist()
 
 
+def test_each_epoch_is_a_new_order_of_every_window(dataset):
+    loader = TokenLoader(dataset, seq_len=16, batch_size=4, seed=3)
+    served = []
+    real = loader._batch
+    loader._batch = lambda windows: served.append(windows.tolist()) or real(windows)  # which windows each batch holds
+    epochs = []
+    for _ in range(3):
+        served.clear()
+        for _ in range(loader.batches_per_epoch):
+            loader.next_batch()
+        epochs.append([w for batch in served for w in batch])
+    count = loader.batches_per_epoch * 4
+    for seen in epochs:  # each epoch serves distinct windows, all of them but a batch's remainder
+        assert len(seen) == len(set(seen)) == count and loader.num_items - count < 4
+        assert set(seen) <= set(range(loader.num_items))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
 def test_ranks_split_without_overlap(dataset):
     single = TokenLoader(dataset, seq_len=16, batch_size=8, seed=3)
     ranks = [TokenLoader(dataset, seq_len=16, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
@@ -171,10 +189,22 @@ def test_sigkill_never_leaves_a_dataset_that_looks_complete(tmp_path, tokenizer_
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(tmp_path.glob(".ds.*.partial")), "the kill came too late to test anything"
+    stale = list(tmp_path.glob(".ds.*.partial"))
+    assert stale, "the kill came too late to test anything"
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="not a finished dataset"):
         load_manifest(out)
+    # The next run into the same place removes what the killed one left, and says so; a partial folder
+    # from another machine may still be in use there, so it is only reported.
+    foreign = tmp_path / ".ds.0badc0de-1.xyz.partial"
+    foreign.mkdir()
+    again = subprocess.run([sys.executable, "-m", "havoc.cli", "data", "prepare", "--tokenizer", str(tokenizer_dir),
+                            "--out", str(out), "--val-fraction", "0.01"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"removed {stale[0]}: left by an interrupted run" in again.stderr
+    assert f"{foreign} looks left by an interrupted run on another machine" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name, "ds"]
+    load_manifest(out)
 
 
 def test_cli_prepare(tmp_path, tokenizer_dir, corpus_files):

@@ -152,3 +152,66 @@ def test_model_and_tokenizer_that_do_not_belong_together(config, tmp_path):
 def test_unknown_lora_target(config):
     with pytest.raises(ValueError, match="lora_targets from wq, wk"):
         Trainer(dataclasses.replace(config, lora_rank=2, lora_targets=["q_proj"]), chat=True)
+
+
+def test_dropped_and_cut_conversations_are_reported(tmp_path, tokenizer):
+    long_reply = "word " * 200
+    lines = [{"messages": [{"role": "user", "content": "only a question"}]},  # no assistant turn
+             {"messages": [{"role": "user", "content": "q " * 200}, {"role": "assistant", "content": "late"}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_reply}]},
+             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "fits"}]}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    loader = ChatLoader(path, tokenizer, seq_len=32, batch_size=1, val_fraction=0)
+    assert len(loader.examples) == 2
+    assert loader.report == (f"{path}: of 4 train conversations, 1 had no assistant message and were left out, "
+                             "1 had no assistant token within seq_len + 1 = 33 tokens and were left out, "
+                             "1 were cut to seq_len + 1 = 33 tokens (raise seq_len to keep them whole)")
+
+
+def test_a_small_chat_file_trains_with_the_defaults(tmp_path, config, capsys):
+    # 60 conversations: the held-out 5% is smaller than a micro-batch; validation scores what there is.
+    lines = (tmp_path / "all.jsonl", Path(config.data).read_text().splitlines()[:60])
+    lines[0].write_text("\n".join(lines[1]) + "\n")
+    summary = Trainer(dataclasses.replace(config, data=str(lines[0]), val_fraction=0.05, max_steps=4),
+                      chat=True).train()
+    assert summary["val_loss"] > 0
+    summary = Trainer(dataclasses.replace(config, data=str(lines[0]), val_fraction=0.0, max_steps=4,
+                                          out=str(tmp_path / "noval")), chat=True).train()
+    assert "val_loss" not in summary and "training without validation" in capsys.readouterr().out
+
+
+def test_finetune_seq_len_longer_than_the_model(config):
+    with pytest.raises(ValueError, match=r"seq_len 512 is longer than the model's max_seq_len 256 \(from init_from"):
+        Trainer(dataclasses.replace(config, seq_len=512, global_batch_tokens=4096), chat=True)
+
+
+def test_two_processes_match_one_for_sft_with_uneven_masks(tmp_path, tokenizer_dir, base_model):
+    import random
+    import subprocess
+    import sys
+
+    from havoc_training.metrics import read_metrics
+
+    rng = random.Random(2)
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"{i} colours?"}, {"role": "assistant", "content": " ".join(
+        rng.choice(WORDS) for _ in range(rng.randint(1, 15)))}]}) for i in range(120)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    one = TrainConfig(data=str(tmp_path / "c.jsonl"), tokenizer=str(tokenizer_dir), init_from=str(base_model),
+                      out=str(tmp_path / "one"), seq_len=48, micro_batch=2, global_batch_tokens=384, max_steps=4,
+                      lr=3e-3, warmup_steps=1, log_every=1, eval_every=2, eval_batches=2, save_every=4)
+    Trainer(one, chat=True).train()
+    args = []
+    for f in dataclasses.fields(one):
+        value = getattr(one if f.name != "out" else dataclasses.replace(one, out=str(tmp_path / "two")), f.name)
+        if not isinstance(value, bool):
+            args += ["--" + f.name.replace("_", "-"), json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "havoc.cli", "finetune", *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in ("loss", "val_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5), (key, x, y)

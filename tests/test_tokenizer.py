@@ -195,3 +195,50 @@ def test_cli_failure_leaves_nothing_at_out(tmp_path):
     run = _havoc("tokenizer", "train", str(tmp_path / "empty.txt"), "--vocab-size", "300", "--out", str(tmp_path / "tok"))
     assert run.returncode == 1 and "corpus is empty" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+
+
+def test_long_documents_go_in_pieces_with_exactly_the_same_ids(monkeypatch):
+    from havoc_core.tokenizer import stdlib_corpus
+    from havoc_core.tokenizer import tokenizer as tokenizer_module
+
+    texts = [doc.text for doc in Corpus(stdlib_corpus())]  # the whole embedded corpus
+    trained = HavocTokenizer.train(texts[:200], vocab_size=2000)
+    whole = [trained._plain.encode(t, add_special_tokens=False).ids for t in texts]
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 300)  # every file in many pieces
+    assert sum(len(tokenizer_module.pieces(t)) for t in texts) > 20 * len(texts)
+    assert trained.encode_batch(texts) == whole
+    assert [trained.encode(t) for t in texts[:50]] == whole[:50]
+    assert HavocTokenizer.train(texts[:200], vocab_size=2000).sha256 == trained.sha256  # the same merges
+
+
+def test_a_one_line_document_takes_no_more_memory_than_many_files(tmp_path):
+    import json as json_module
+    import resource
+    import subprocess
+    import sys
+
+    from havoc_core.tokenizer import stdlib_corpus
+
+    text = "".join(p.read_text() for p in stdlib_corpus())[:16_000_000]
+    (tmp_path / "files").mkdir()
+    for i in range(16):
+        (tmp_path / "files" / f"{i:02d}.txt").write_text(text[i * 1_000_000 : (i + 1) * 1_000_000])
+    (tmp_path / "one.jsonl").write_text(json_module.dumps({"text": text}) + "\n")
+
+    def peak_mb(*args) -> float:
+        # Each command in a fresh process; the last child's peak is read through a wrapper that reports it.
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "havoc.cli", *args],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout) / 1024
+
+    many = peak_mb("tokenizer", "train", str(tmp_path / "files"), "--vocab-size", "4000", "--out", str(tmp_path / "a"))
+    one = peak_mb("tokenizer", "train", str(tmp_path / "one.jsonl"), "--vocab-size", "4000", "--out", str(tmp_path / "b"))
+    assert one < 2 * many, (one, many)
+    many = peak_mb("data", "prepare", str(tmp_path / "files"), "--tokenizer", str(tmp_path / "a"), "--out",
+                   str(tmp_path / "da"), "--val-fraction", "0")
+    one = peak_mb("data", "prepare", str(tmp_path / "one.jsonl"), "--tokenizer", str(tmp_path / "a"), "--out",
+                  str(tmp_path / "db"), "--val-fraction", "0")
+    assert one < 2 * many, (one, many)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # (the test process itself stays small)
