@@ -116,6 +116,70 @@ def test_lm_eval_methods_against_direct_computation(model_dir, model, tokenizer)
     assert out == tokenizer.decode(greedy_ids[0, -5:].tolist(), skip_special_tokens=True).split("\n")[0]
 
 
+def _log_prob(model, context: list[int], target: int) -> float:
+    with torch.no_grad():
+        return model(torch.tensor([context])).logits[0, -1].log_softmax(-1)[target].item()
+
+
+def test_lm_eval_empty_and_overlong_continuations(model_dir, model, tokenizer):
+    from havoc_eval.lm_eval_model import HavocLM
+
+    lm = HavocLM(pretrained=str(model_dir), batch_size=3, max_length=16, stride=1)
+    continuation = " return [x * 2 for x in items if x] + other_items"
+    (empty, empty_greedy), (long, _), (short, _) = lm.loglikelihood(
+        [_Request("def f", ""), _Request("def f(items):", continuation), _Request("x =", " 1")])
+    assert (empty, empty_greedy) == (0.0, True)
+    # Each continuation token scored once, with the 15 tokens before it (max_length 16, stride 1).
+    context_ids, cont = lm._encode_pair("def f(items):", continuation)
+    tokens = context_ids + cont
+    assert len(cont) > 16
+    expected = sum(_log_prob(model, tokens[max(0, p - 15) : p], tokens[p]) for p in range(len(context_ids), len(tokens)))
+    assert long == pytest.approx(expected, rel=1e-5)
+    ids, one = lm._encode_pair("x =", " 1")
+    assert short == pytest.approx(sum(_log_prob(model, (ids + one)[:p], (ids + one)[p])
+                                      for p in range(len(ids), len(ids) + len(one))), rel=1e-5)
+
+
+def test_lm_eval_generate_until_stops_and_samples(model_dir, model, tokenizer, monkeypatch):
+    from havoc_eval.lm_eval_model import HavocLM
+    from havoc_inference.engine import Engine
+
+    lm = HavocLM(pretrained=str(model_dir), batch_size=2)
+    prompt = "def "
+    free, = lm.generate_until([_Request(prompt, {"until": [], "max_gen_toks": 30})])
+    stop = free[3:5]
+    steps = []
+    real = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: steps.append(1) or real(self))
+    cut, = lm.generate_until([_Request(prompt, {"until": [stop], "max_gen_toks": 30})])
+    assert cut == free[: free.find(stop)] and len(steps) < 15  # it stopped, not ran on to 30 tokens
+    greedy = lm.generate_until([_Request(prompt, {"max_gen_toks": 12, "do_sample": False, "temperature": 1.0})] * 2)
+    sampled = lm.generate_until([_Request(prompt, {"max_gen_toks": 12, "do_sample": True, "temperature": 1.0})] * 4)
+    assert greedy[0] == greedy[1] == free[: len(greedy[0])]
+    assert len(set(sampled)) > 1  # requests draw from seeds of their own
+    again = HavocLM(pretrained=str(model_dir), batch_size=2).generate_until(
+        [_Request(prompt, {"max_gen_toks": 12, "do_sample": True, "temperature": 1.0})] * 4)
+    assert again == sampled  # and the same run repeats
+
+
+def test_scoring_takes_the_log_softmax_in_chunks(model, monkeypatch):
+    import havoc_eval.scoring as scoring
+
+    monkeypatch.setattr(scoring, "LOGIT_ROWS", 3)
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    sequences = [(list(range(5, 25)), 7), (list(range(30, 40)), 9), (list(range(50, 53)), 0), (list(range(8, 20)), 1)]
+    results = scoring.score(model, sequences, batch_size=3)
+    assert rows and max(rows) <= 3
+    for (tokens, n), (log_prob, greedy, targets) in zip(sequences, results):
+        positions = range(len(tokens) - n, len(tokens))
+        expected = sum(_log_prob(model, tokens[:p], tokens[p]) for p in positions)
+        with torch.no_grad():
+            best = [model(torch.tensor([tokens[:p]])).logits[0, -1].argmax().item() for p in positions]
+        assert log_prob == pytest.approx(expected, rel=1e-5, abs=1e-9) and targets == tokens[len(tokens) - n :]
+        assert greedy == (best == targets)
+
+
 def test_lm_eval_cli_runs_the_shipped_tasks(model_dir, tmp_path):
     run = subprocess.run(
         ["lm_eval", "--model", "havoc", "--model_args", f"pretrained={model_dir}", "--tasks",
@@ -126,8 +190,21 @@ def test_lm_eval_cli_runs_the_shipped_tasks(model_dir, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
-    assert 0 <= results["havoc_python_mc"]["acc,none"] <= 1
-    assert 0 <= results["havoc_python_gen"]["exact_match,none"] <= 1
+    # The same numbers computed here from the task files and the model's own methods.
+    from havoc_eval.lm_eval_model import HavocLM
+
+    lm = HavocLM(pretrained=str(model_dir), batch_size=4)
+    docs = [json.loads(line) for line in (TASKS / "havoc_python" / "mc.jsonl").read_text().splitlines()]
+    correct = 0
+    for doc in docs:
+        scores = [ll for ll, _ in lm.loglikelihood([_Request(doc["context"], c) for c in doc["choices"]])]
+        correct += max(range(len(scores)), key=scores.__getitem__) == doc["answer"]
+    assert results["havoc_python_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+    docs = [json.loads(line) for line in (TASKS / "havoc_python" / "gen.jsonl").read_text().splitlines()]
+    outs = lm.generate_until([_Request(d["prompt"], {"until": ["\n"], "max_gen_toks": 16, "do_sample": False})
+                              for d in docs])
+    expected = sum(out == d["target"] for out, d in zip(outs, docs)) / len(docs)
+    assert results["havoc_python_gen"]["exact_match,none"] == pytest.approx(expected)
 
 
 def test_lm_eval_unknown_task_is_a_clear_error(model_dir, tmp_path):

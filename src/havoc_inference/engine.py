@@ -240,8 +240,11 @@ class Engine:
         return self.complete([prompt_ids], params, n)
 
     def complete(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[Completion]:
-        """Blocking: n completions of each prompt, prompt-major (the steps run here if no loop thread does)."""
-        sequences = self.submit(prompts, params, n)
+        """Blocking: n completions of each prompt, prompt-major."""
+        return self.collect(self.submit(prompts, params, n))
+
+    def collect(self, sequences: list[Sequence]) -> list[Completion]:
+        """Blocking: the completions of submitted sequences (the steps run here if no loop thread does)."""
         while self.thread is None and any(s.finish_reason is None for s in sequences):
             self.step()
         return [self._collect(seq) for seq in sequences]
