@@ -47,7 +47,7 @@ def main() -> None:
     havoc_to_hf(tmp / "havoc", tmp / "hf")
     hf = LlamaForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32, attn_implementation="sdpa").train()
     hf_optimizer = build_optimizer(hf, config, fused=False)
-    hf_loader = trainer._loader("train")
+    hf_loader = trainer._loader("train", config.micro_batch, 0, 1, shuffle=True)
 
     def havoc_step():
         trainer._train_step()
