@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, through the real `openai` client, against `havoc serve` in a subprocess."""
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -49,13 +50,23 @@ def _wait_ready(url):
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
+def _model_folder(tmp_path_factory, tokenizer, config: HavocConfig):
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("serve") / "model"
-    HavocModel(dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
+    HavocModel(dataclasses.replace(config, vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
     tokenizer.save(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return _model_folder(tmp_path_factory, tokenizer, HavocConfig.havoc_tiny())
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory, tokenizer):
+    """A model slow enough on a CPU (the small preset) that long requests are surely still running."""
+    return _model_folder(tmp_path_factory, tokenizer, HavocConfig.havoc_small())
 
 
 @pytest.fixture(scope="module")
@@ -303,13 +314,19 @@ def _running(url) -> float:
     return _metric(url, "havoc_running_sequences")
 
 
-def test_client_disconnect_frees_the_slot(tmp_path, tokenizer):
-    # A model big enough that 1000 tokens take seconds, so the stream is surely still running.
-    torch.manual_seed(0)
-    config = dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size)
-    HavocModel(config).save_pretrained(tmp_path / "m")
-    tokenizer.save(tmp_path / "m")
-    proc, url = _start(tmp_path / "m")
+def _assert_freed(url):
+    """The slots of a client that left are freed within seconds, and nothing more is generated for it."""
+    deadline = time.monotonic() + 5
+    while _running(url) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _running(url) == 0
+    generated = _metric(url, "havoc_generated_tokens_total")
+    time.sleep(0.3)
+    assert _metric(url, "havoc_generated_tokens_total") == generated < 1000
+
+
+def test_client_disconnect_frees_the_slot(slow_model_dir):
+    proc, url = _start(slow_model_dir)
     try:
         _wait_ready(url)
         with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1000,
@@ -317,13 +334,7 @@ def test_client_disconnect_frees_the_slot(tmp_path, tokenizer):
             lines = r.iter_lines()
             next(lines), next(lines)
             assert _running(url) == 1
-        deadline = time.monotonic() + 5
-        while _running(url) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _running(url) == 0
-        generated = _metric(url, "havoc_generated_tokens_total")
-        time.sleep(0.3)
-        assert _metric(url, "havoc_generated_tokens_total") == generated < 1000  # nothing more is generated
+        _assert_freed(url)
         _alive(url)
     finally:
         proc.terminate()
@@ -350,17 +361,7 @@ def test_32_concurrent_streams_without_cross_talk(client, url):
 
 
 def test_an_engine_failure_is_a_500_and_the_server_goes_on(model_dir, monkeypatch):
-    from starlette.testclient import TestClient
-
-    from havoc_inference.server import create_app
-
-    app = create_app(str(model_dir), model_name=MODEL, slots=2)
-    with TestClient(app) as http:
-        deadline = time.monotonic() + 60
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        engine = app.app.state.server.engine
+    with _in_process(model_dir, slots=2) as (engine, http):
         real = engine._prefill_chunk
         failures = [1, 2]
 
@@ -451,24 +452,28 @@ def test_requests_are_bounded(url):
     assert "3 prompts x n=3 = 9 sequences; one request may ask for at most 8" in r.json()["error"]["message"]
 
 
+@contextlib.contextmanager
 def _in_process(model_dir, **options):
+    """(engine, client) of an app in this process, ready; its exceptions come back as responses."""
     from starlette.testclient import TestClient
 
     from havoc_inference.server import create_app
 
     app = create_app(str(model_dir), model_name=MODEL, **options)
-    http = TestClient(app, raise_server_exceptions=False)
-    http.__enter__()
-    deadline = time.monotonic() + 60
-    while http.get("/health").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return app.app.state.server.engine, http
+    with TestClient(app, raise_server_exceptions=False) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        engine = app.app.state.server.engine
+        try:
+            yield engine, http
+        finally:
+            engine.stop()
 
 
 def test_an_unexpected_error_is_a_logged_counted_500_in_openai_shape(model_dir, monkeypatch, caplog):
-    engine, http = _in_process(model_dir)
-    try:
+    with _in_process(model_dir) as (engine, http):
         def broken(*args, **kwargs):
             raise RuntimeError("simulated tokenizer bug")
 
@@ -482,16 +487,12 @@ def test_an_unexpected_error_is_a_logged_counted_500_in_openai_shape(model_dir, 
         assert 'havoc_requests_total{route="/v1/completions",status="500"} 1.0' in http.get("/metrics").text
         monkeypatch.undo()
         assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}).status_code == 200
-    finally:
-        http.__exit__(None, None, None)
-        engine.stop()
 
 
 def test_tokenization_runs_off_the_event_loop(model_dir, monkeypatch):
     import threading
 
-    engine, http = _in_process(model_dir)
-    try:
+    with _in_process(model_dir) as (engine, http):
         threads = {}
         for name in ("encode", "apply_chat_template"):
             real = getattr(engine.tokenizer, name)
@@ -504,9 +505,6 @@ def test_tokenization_runs_off_the_event_loop(model_dir, monkeypatch):
         assert http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1,
                                                        "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
         assert threads["encode"] is not threads["loop"] and threads["apply_chat_template"] is not threads["loop"]
-    finally:
-        http.__exit__(None, None, None)
-        engine.stop()
 
 
 def test_the_chat_page_has_security_headers(url):
@@ -522,24 +520,10 @@ def test_api_key_is_compared_in_constant_time(model_dir, monkeypatch):
     calls = []
     real = secrets.compare_digest
     monkeypatch.setattr(secrets, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
-    engine, http = _in_process(model_dir, api_key="sesame")
-    try:
+    with _in_process(model_dir, api_key="sesame") as (engine, http):
         assert http.get("/v1/models", headers={"Authorization": "Bearer sesamE"}).status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
         assert calls[-2:] == [(b"Bearer sesamE", b"Bearer sesame"), (b"Bearer sesame", b"Bearer sesame")]
-    finally:
-        http.__exit__(None, None, None)
-        engine.stop()
-
-
-# A model slow enough on a CPU (small preset) that long requests are surely still running.
-@pytest.fixture(scope="module")
-def slow_model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("slow") / "model"
-    HavocModel(dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size)).save_pretrained(directory)
-    tokenizer.save(directory)
-    return directory
 
 
 def _long(stream=False):
@@ -552,13 +536,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(slow_model_dir):
         _wait_ready(url)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json=_long(), timeout=1.0)
-        deadline = time.monotonic() + 5
-        while _running(url) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _running(url) == 0
-        generated = _metric(url, "havoc_generated_tokens_total")
-        time.sleep(0.3)
-        assert _metric(url, "havoc_generated_tokens_total") == generated < 1000
+        _assert_freed(url)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
