@@ -189,7 +189,7 @@ def test_validation_bits_per_byte_counts_the_targets_bytes(config, tokenizer):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_accumulation_equals_a_bigger_micro_batch(config, tmp_path, chat, request):
+def test_accumulation_equals_a_bigger_micro_batch(config, tmp_path, chat, request, monkeypatch):
     # micro_batch 2 x 2 accumulation steps must equal micro_batch 4 x 1 in losses and final weights;
     # with chat data the targets are masked unevenly, so per-micro-batch means would differ.
     if chat:
@@ -199,8 +199,20 @@ def test_accumulation_equals_a_bigger_micro_batch(config, tmp_path, chat, reques
     small = dataclasses.replace(big, out=str(tmp_path / "small"), micro_batch=2)
     a, b = Trainer(big, chat=chat), Trainer(small, chat=chat)
     assert (a.accumulation, b.accumulation) == (1, 2)
+    # The gradients as the backward passes left them: clipping and Adam would hide a scaled gradient.
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, *args, **kwargs):
+        params = list(params)
+        grads.append([p.grad.clone() for p in params])
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     a.train()
     b.train()
+    first_a, first_b = grads[0], grads[big.max_steps]
+    for (name, _), x, y in zip(a.raw_model.named_parameters(), first_a, first_b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7, msg=name)  # the first step's gradients
     for step, loss in _losses(big.out).items():
         assert _losses(small.out)[step] == pytest.approx(loss, rel=1e-5)
     for (name, x), y in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
