@@ -79,8 +79,8 @@ def test_loader_order_comes_from_the_seed(dataset):
 def test_each_epoch_is_a_new_order_of_every_window(dataset):
     loader = TokenLoader(dataset, seq_len=16, batch_size=4, seed=3)
     served = []
-    real = loader._batch
-    loader._batch = lambda windows: served.append(windows.tolist()) or real(windows)  # which windows each batch holds
+    real = loader.batch
+    loader.batch = lambda windows: served.append(windows.tolist()) or real(windows)  # which windows each batch holds
     epochs = []
     for _ in range(3):
         served.clear()

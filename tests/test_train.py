@@ -179,7 +179,7 @@ def test_validation_bits_per_byte_counts_the_targets_bytes(config, tokenizer):
     trainer.raw_model.eval()
     with torch.no_grad():
         for i in range(count):  # one window at a time: an independent computation
-            inputs, targets = val._batch(np.array([i]))
+            inputs, targets = val.batch(np.array([i]))
             logits = trainer.raw_model(inputs).logits
             nats += torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum").item()
             n_bytes += lengths[targets[0]].sum().item()

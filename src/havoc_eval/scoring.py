@@ -70,7 +70,7 @@ def _score_batch(model: HavocModel, batch, indices, results, device) -> None:
         positions += range(end - n_scored, end)
         targets += tokens[-n_scored:]
     # Right padding needs no mask: causal attention never looks at later positions.
-    hidden = model.hidden_states(inputs.to(device))[torch.tensor(rows), torch.tensor(positions)]
+    hidden = model.hidden_states(inputs.to(device))[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]
     targets_t = torch.tensor(targets, device=device)
     picked, greedy = [], []
     for begin in range(0, len(targets), LOGIT_ROWS):

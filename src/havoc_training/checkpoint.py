@@ -192,8 +192,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocConfig) -> dict:
-    """Restore everything `save_checkpoint` wrote, after verifying it; returns the trainer state (step, ...)."""
-    verify_checkpoint(path)
+    """Restore everything `save_checkpoint` wrote (check it with `verify_checkpoint` first); returns the
+    trainer state (step, ...)."""
     state = read_json(path / STATE_FILE, "trainer state")
     saved = HavocConfig.from_dict(state["model_config"])
     if saved != model_config:

@@ -61,7 +61,7 @@ class TrainConfig:
             self.tokenizer = self.init_from  # `havoc export` puts the tokenizer beside the model
         for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_batches",
                      "save_every", "keep_last", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append("need lr > 0, 0 <= min_lr <= lr and warmup_steps >= 0")
@@ -108,11 +108,10 @@ _EXPECTED = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,
 
 def _type_problem(name: str, annotation: str, value: Any) -> str | None:
     expected = _EXPECTED[annotation]
-    wrong_bool = isinstance(value, bool) and bool not in expected  # True is an int to Python, not to a config
-    if isinstance(value, expected) and not wrong_bool and not (annotation == "list[str]" and not all(
-            isinstance(v, str) for v in value)):
-        return None
-    return f"{name} must be {'a' if annotation[0] not in 'i' else 'an'} {annotation}, got {value!r}"
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)  # True is no int here
+    if ok and annotation == "list[str]":
+        ok = all(isinstance(v, str) for v in value)
+    return None if ok else f"{name} must be {'an' if annotation == 'int' else 'a'} {annotation}, got {value!r}"
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

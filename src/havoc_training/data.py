@@ -149,7 +149,7 @@ def load_manifest(data_dir: str | os.PathLike, tokenizer: HavocTokenizer | None 
 class EpochBatches:
     """Serves batches of items in a seeded order per epoch; rank r of world_size takes every
     world_size-th item of that order, so ranks never overlap and together see what one process would.
-    `state_dict()` records the exact position. Subclasses set `num_items` and build `_batch(indices)`.
+    `state_dict()` records the exact position. Subclasses set `num_items` and build `batch(indices)`.
     """
 
     def _setup_order(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool) -> None:
@@ -180,9 +180,9 @@ class EpochBatches:
             self.epoch, self.position = self.epoch + 1, 0
         start = self.position * self.batch_size
         self.position += 1
-        return self._batch(self._rank_order()[start : start + self.batch_size])
+        return self.batch(self._rank_order()[start : start + self.batch_size])
 
-    def _batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def __iter__(self):
@@ -255,7 +255,7 @@ class TokenLoader(EpochBatches):
             raise ValueError(f"shard {path} is {size} bytes, the manifest says {expected}: prepare the dataset again")
         return np.memmap(path, dtype=np.uint32, mode="r")
 
-    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         shard_of = np.searchsorted(self._first_window, windows, side="right") - 1
         batch = np.stack([
             self.shards[s][(w - self._first_window[s]) * self.seq_len :][: self.seq_len + 1]

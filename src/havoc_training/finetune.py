@@ -74,7 +74,7 @@ class ChatLoader(EpochBatches):
             raise ValueError(f"{path}: the {split} split has {len(self.examples)} usable conversations, too few for "
                              f"one batch of {batch_size} on each of {world_size} ranks")
 
-    def _batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.examples[i] for i in indices]
         width = max(len(inputs) for inputs, _ in rows)
         inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

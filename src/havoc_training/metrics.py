@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
+
+from havoc_core.tokenizer.corpus import jsonl_records
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -71,19 +72,5 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl. It is an append log, so a kill can tear its last line: that line
-    is dropped with a warning; a torn line elsewhere is an error naming it."""
-    lines = Path(path).read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                print(f"warning: {path}:{number} is a torn last record (a run was killed while writing it); "
-                      "dropped", file=sys.stderr)
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON ({e}); fix or remove that line") from None
-    return records
+    """The records of metrics.jsonl: an append log, so a torn last line is dropped with a warning."""
+    return [record for _, record in jsonl_records(path, Path(path).read_text(), torn_end=True)]

@@ -109,8 +109,9 @@ class Trainer:
     # Set-up.
     def _claim_out(self, resume: bool, overwrite: bool) -> None:
         """Never train over another run's files without being told: they would be deleted or mixed in."""
-        previous = [p for p in (self.out / METRICS_FILE,) if p.exists() and p.stat().st_size] + \
-            sorted((self.out / "checkpoints").glob("step-*"))  # the newest checkpoint last, to be named
+        metrics = self.out / METRICS_FILE
+        previous = [metrics] if metrics.exists() and metrics.stat().st_size else []
+        previous += sorted((self.out / "checkpoints").glob("step-*"))  # the newest checkpoint last, to be named
         if not previous or resume:
             return
         if not overwrite:
@@ -276,7 +277,7 @@ class Trainer:
         # a rank with nothing left scores an item with every target masked.
         for b in range(math.ceil(math.ceil(count / self.world_size) / micro)):
             indices = mine[b * micro : (b + 1) * micro]
-            inputs, targets = (t.to(self.device) for t in val._batch(indices if len(indices) else np.arange(1)))
+            inputs, targets = (t.to(self.device) for t in val.batch(indices if len(indices) else np.arange(1)))
             if not len(indices):
                 targets = torch.full_like(targets, IGNORE_INDEX)
             with self._autocast():

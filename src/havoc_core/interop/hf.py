@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from havoc_core.atomic import atomic_directory
 from havoc_core.config import AttentionConfig, HavocConfig, MLPConfig
 from havoc_core.model.transformer import CONFIG_NAME, SAFETENSORS_NAME, load_weights
 from havoc_core.pretrained import check_vocab
-from havoc_core.tokenizer.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HavocTokenizer
+from havoc_core.tokenizer.tokenizer import TOKENIZER_FILE, HavocTokenizer
 
 HF_INDEX_NAME = "model.safetensors.index.json"
 HF_PYTORCH_NAME = "pytorch_model.bin"
@@ -113,13 +112,11 @@ def havoc_config_from_hf(hf: dict, source: Path) -> HavocConfig:
         raise refuse(f"RoPE scaling {scaling or rope} is not supported; HAVOC implements plain RoPE")
     rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
-    def token_id(key: str, default: int) -> int:
+    def token_id(key: str, default: int, several: bool = False) -> int | list[int]:
         value = hf.get(key)
-        return default if value is None else int(value)
-
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, list):  # several ids (e.g. Llama-3-Instruct's <|eot_id|>): keep them all
-        eos = [int(i) for i in eos] if len(eos) > 1 else (int(eos[0]) if eos else None)
+        if isinstance(value, list):  # several ids (Llama-3-Instruct's eos); HavocConfig keeps several for eos only
+            value = [int(v) for v in value] if several and len(value) > 1 else (value[0] if value else None)
+        return default if value is None else value if isinstance(value, list) else int(value)
 
     try:
         return HavocConfig(
@@ -132,7 +129,7 @@ def havoc_config_from_hf(hf: dict, source: Path) -> HavocConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             pad_token_id=token_id("pad_token_id", 0),
             bos_token_id=token_id("bos_token_id", 1),
-            eos_token_id=2 if eos is None else eos if isinstance(eos, list) else int(eos),
+            eos_token_id=token_id("eos_token_id", 2, several=True),
         )
     except ValueError as e:
         raise refuse(str(e)) from None
@@ -146,9 +143,10 @@ def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: str |
     """
     src = Path(src)
     config = HavocConfig.load(src / CONFIG_NAME)
-    tokenizer_dir = Path(tokenizer) if tokenizer is not None else src
-    if tokenizer is not None and not (tokenizer_dir / TOKENIZER_FILE).exists():
-        raise FileNotFoundError(f"{tokenizer_dir / TOKENIZER_FILE} does not exist")
+    loaded = None
+    if tokenizer is not None or (src / TOKENIZER_FILE).exists():
+        loaded = HavocTokenizer.load(tokenizer if tokenizer is not None else src)
+        check_vocab(config, loaded, src)
     state, weights_file = load_weights(src)
     names = weight_names(config)
     _check_names(state, set(names), weights_file, optional=set())
@@ -161,10 +159,8 @@ def havoc_to_hf(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: str |
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                       "pad_token_id": config.pad_token_id}
         (out / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
-        if (tokenizer_dir / TOKENIZER_FILE).exists():
-            check_vocab(config, HavocTokenizer.load(tokenizer_dir), src)
-            for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
-                shutil.copy(tokenizer_dir / name, out / name)
+        if loaded is not None:
+            loaded.save(out)
     return Path(dst)
 
 

@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +36,21 @@ def in_val_split(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
-def jsonl_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON is named."""
-    for number, line in enumerate(text.splitlines(), start=1):
+def jsonl_records(path: Path, text: str, torn_end: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON is named.
+    `torn_end`: the file is an append log, which a kill can leave with a torn last line: that line
+    is dropped with a warning."""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
+            if torn_end and number == len(lines):
+                print(f"warning: {path}:{number} is a torn last record (a run was killed while writing it); "
+                      "dropped", file=sys.stderr)
+                return
             raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
 
 
