@@ -215,8 +215,10 @@ def test_accumulation_equals_a_bigger_micro_batch(config, tmp_path, chat, reques
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7, msg=name)  # the first step's gradients
     for step, loss in _losses(big.out).items():
         assert _losses(small.out)[step] == pytest.approx(loss, rel=1e-5)
+    # Adam divides by the root of the squared gradient: where a gradient is ~0, summation-order
+    # round-off becomes an update of up to ~lr x 1e-3 (seen: 5.5e-6 on a rare token's embedding).
     for (name, x), y in zip(a.raw_model.named_parameters(), b.raw_model.parameters()):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.fixture

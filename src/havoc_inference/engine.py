@@ -3,8 +3,10 @@
 Every running sequence owns a slot: a row of the preallocated cache, written by index. Each
 engine step prefills one chunk of one new prompt (so long prompts never stall running streams)
 and then decodes one token for every slot at once: a fixed-shape step that `torch.compile` can
-capture whole (with CUDA graphs on a GPU). Sequences join and leave between steps; memory is
-bounded by slots x context.
+capture whole. The cache is made of registered buffers of an engine-owned module, so CUDA-graph
+trees replay the compiled step (they skip graphs that mutate inputs other than parameters and
+buffers). Sampling stays on the weights' device, with one host transfer per step for all rows.
+Sequences join and leave between steps; memory is bounded by slots x context.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
-from havoc_inference.sampling import SamplingParams, choose, process_logits
+from havoc_inference.sampling import SamplingParams, choose, process_logits, valid
 
 
 logger = logging.getLogger(__name__)
@@ -101,15 +104,46 @@ class _SlotWrite:
         self.k, self.v, self.slot, self.start, self.positions = k, v, slot, start, positions
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot is None:  # decode: one new position in every slot given
+        if self.slot is None:  # decode: one new position in each of the first rows slots
             rows = torch.arange(k.shape[0], device=k.device)
             self.k[rows, :, self.positions[:, 0]] = k[:, :, 0]
             self.v[rows, :, self.positions[:, 0]] = v[:, :, 0]
-            return self.k, self.v
+            return self.k[: k.shape[0]], self.v[: k.shape[0]]
         end = self.start + k.shape[2]  # prefill: a chunk of one slot
         self.k[self.slot, :, self.start:end] = k[0]
         self.v[self.slot, :, self.start:end] = v[0]
         return self.k[self.slot : self.slot + 1], self.v[self.slot : self.slot + 1]
+
+
+class _Decoder(nn.Module):
+    """The model and its static KV cache, as buffers (slots x KV heads x context + 1 x head dim per
+    layer, in the weights' dtype and on their device). One spare column: slots that are not
+    decoding write their throw-away step there."""
+
+    def __init__(self, model: HavocModel, slots: int, context: int):
+        super().__init__()
+        self.model = model
+        config, weight = model.config, model.embed_tokens.weight
+        shape = (slots, config.attention.num_kv_heads, context + 1, config.head_dim)
+        for i in range(config.num_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
+        self.register_buffer("key_positions", torch.arange(context + 1, device=weight.device), persistent=False)
+
+    def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.model.config.num_layers)]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | None = None, start: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Logits for `tokens` [rows, seq] at `positions`: a prefill chunk of `slot` from `start`, or
+        (slot None) one decode token in each of the first rows slots."""
+        model = self.model
+        x = model.embed_tokens(tokens)
+        rope = model.rotary(positions.clamp(max=model.config.max_seq_len - 1))  # the spare column's rope is moot
+        mask = (self.key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        for layer, (k, v) in zip(model.layers, self.caches()):
+            x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, positions))
+        return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
 
 # Up to this many rows the multiply-and-sum form wins; at 16 rows the BLAS call does (578 vs 440 tok/s measured).
@@ -144,16 +178,12 @@ class Engine:
         self.slots, self.prefill_chunk = slots, prefill_chunk
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.eos_ids = {*config.eos_token_ids, tokenizer.eos_token_id}
-        device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-        # One spare column: slots that are not decoding write their throw-away step there.
-        shape = (slots, config.attention.num_kv_heads, self.context + 1, config.head_dim)
-        self.caches = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                       for _ in model.layers]
-        self.key_positions = torch.arange(self.context + 1, device=device)
-        self.device = device
-        self.decode_step = self._decode_step
-        if compile and device.type == "cuda":
-            self.decode_step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs
+        self.device = model.embed_tokens.weight.device
+        self.decoder = _Decoder(model, slots, self.context)
+        self.decode_step = self.decoder
+        if compile and self.device.type == "cuda":
+            # CUDA graphs: one recording per batch size at warm-up, then replays.
+            self.decode_step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
         elif compile:
             self.decode_step = torch.compile(self._decode_step_rows, fullgraph=True)
         self.waiting: deque[Sequence] = deque()
@@ -164,15 +194,22 @@ class Engine:
         self.thread: threading.Thread | None = None
         self._seeds = itertools.count(int(time.time_ns() % 2**31))
 
+    @property
+    def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (key, value) cache of each layer: [slots, KV heads, context + 1, head dim] each."""
+        return self.decoder.caches()
+
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the decode step for every batch size it will meet, before the first request does."""
+        """Compile (and on CUDA record) the decode step for every batch size it will meet, before the
+        first request does. Call it from the thread that will step: CUDA-graph trees are per thread."""
         rows = 1
         while True:
             rows = min(rows, self.slots)
             tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
             positions = torch.full((rows, 1), self.context, device=self.device)
-            self.decode_step(tokens, positions, [(k[:rows], v[:rows]) for k, v in self.caches])
+            for _ in range(3):  # cudagraph trees record on the second call and replay from the third
+                self.decode_step(tokens, positions)
             if rows == self.slots:
                 return
             rows *= 2
@@ -265,9 +302,16 @@ class Engine:
             return len(self.waiting) + sum(1 for s in self.running.values() if s.prefilled < len(s.prompt_ids))
 
     # The loop.
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="havoc-engine", daemon=True)
+    def start(self, warm_up: bool = False) -> None:
+        """Step in a thread of its own from now on; `warm_up` first compiles every batch size in it
+        (this returns when that is done, re-raising what failed)."""
+        ready: queue.Queue[Exception | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, args=(ready, warm_up), name="havoc-engine", daemon=True)
         self.thread.start()
+        error = ready.get()
+        if error is not None:
+            self.thread.join()
+            raise error
 
     def stop(self) -> None:
         self.stopping = True
@@ -275,7 +319,14 @@ class Engine:
         if self.thread is not None:
             self.thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, ready: queue.Queue, warm_up: bool) -> None:
+        try:
+            if warm_up:
+                self.warm_up()
+        except Exception as e:
+            ready.put(e)
+            return
+        ready.put(None)
         while not self.stopping:
             try:
                 busy = self.step()
@@ -333,23 +384,9 @@ class Engine:
             self._decode(decoding)
         return True
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list, slot: int | None, start: int,
-                 all_logits: bool) -> torch.Tensor:
-        model = self.model
-        x = model.embed_tokens(tokens)
-        rope = model.rotary(positions.clamp(max=model.config.max_seq_len - 1))  # the spare column's rope is moot
-        mask = (self.key_positions[None, None, :] <= positions[:, :, None])[:, None]
-        for layer, (k, v) in zip(model.layers, caches):
-            x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, positions))
-        return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
-
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
-        # The caches come in as arguments: each batch size passes views of its first rows.
-        return self._forward(tokens, positions, caches, None, 0, all_logits=False)[:, 0]
-
-    def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
+    def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with _RowLinear():
-            return self._decode_step(tokens, positions, caches)
+            return self.decoder(tokens, positions)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         start = seq.prefilled
@@ -357,14 +394,13 @@ class Engine:
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         echo = seq.prompt_logprobs is not None
-        logits = self._forward(tokens, positions, self.caches, seq.slot, start, all_logits=echo)[0].float()
+        logits = self.decoder(tokens, positions, seq.slot, start, all_logits=echo)[0].float()
         seq.prefilled += len(chunk)
         if echo:  # log-probabilities of the prompt's own tokens (lm-evaluation-harness scores with these)
             targets = seq.prompt_ids[start + 1 : start + len(chunk) + 1]
-            log_probs = logits.log_softmax(-1)
-            seq.prompt_logprobs += [self._logprob(log_probs[i], t, seq.params.logprobs) for i, t in enumerate(targets)]
+            seq.prompt_logprobs += self._logprobs([(logits[i], t, seq.params.logprobs) for i, t in enumerate(targets)])
         if seq.prefilled == len(seq.prompt_ids):
-            self._accept(seq, logits[-1])
+            self._accept([seq], logits[-1:])
 
     def _decode(self, decoding: list[Sequence]) -> None:
         # Decode the first `rows` slots only: the smallest power of two (capped at slots) that holds
@@ -376,26 +412,65 @@ class Engine:
         for seq in decoding:
             tokens[seq.slot, 0] = seq.output_ids[-1]
             positions[seq.slot, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
-        logits = self.decode_step(tokens, positions, [(k[:rows], v[:rows]) for k, v in self.caches]).float()
-        for seq in decoding:
-            if seq.finish_reason is None:  # a failed neighbour of the same request may have ended it
-                self._guarded(seq, self._accept, logits[seq.slot])
+        logits = self.decode_step(tokens, positions)[:, 0].float()
+        self._accept(decoding, logits[[seq.slot for seq in decoding]])
+
+    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose the next token of each sequence from its raw logits row [vocab] and report it.
+
+        Processing and drawing stay on the device; the tokens (and whether each row could be
+        sampled) come to the host in one transfer for all rows, the log-probabilities in one more.
+        A failure ends only the request of the sequence it came from."""
+        chosen = []
+        for seq, row in zip(sequences, logits):
+            if seq.finish_reason is not None:  # a failed neighbour of the same request ended it
+                continue
+            try:
+                processed = process_logits(row.clone(), seq.params, seq.prompt_ids, seq.counts)
+                chosen.append((seq, row, torch.stack((choose(processed, seq.params, seq.generator),
+                                                      valid(processed, seq.params).long()))))
+            except Exception as e:
+                logger.exception("request of sequence %d failed", seq.id)
+                self._fail(seq.request, e)
+        if not chosen:
+            return
+        picks = torch.stack([pick for _, _, pick in chosen]).tolist()
+        accepted = []
+        for (seq, row, _), (token, ok) in zip(chosen, picks):
+            if seq.finish_reason is not None:
+                continue
+            if not ok:
+                self._fail(seq.request, FloatingPointError(
+                    "the next-token probabilities are not finite (NaN or infinite logits): nothing can be sampled"))
+                continue
+            accepted.append((seq, row, token))
+        logprobs = self._logprobs([(row, token, seq.params.logprobs) for seq, row, token in accepted
+                                   if seq.params.logprobs is not None])
+        for seq, _, token in accepted:
+            if seq.finish_reason is None:
+                self._guarded(seq, self._report, token, logprobs.pop(0) if seq.params.logprobs is not None else None)
 
     @staticmethod
-    def _logprob(log_probs: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
+    def _logprobs(rows: list[tuple[torch.Tensor, int, int]]) -> list[TokenLogprob]:
+        """Of the model's own distribution, as OpenAI reports them: each (logits, token, top k) row's
+        token log-probability and its top k alternatives, in one host transfer."""
+        if not rows:
+            return []
+        log_probs = torch.stack([row for row, _, _ in rows]).log_softmax(-1)
+        tokens = torch.tensor([token for _, token, _ in rows], device=log_probs.device)
+        top = max(k for _, _, k in rows)
         best = torch.topk(log_probs, top) if top else None
-        alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-        return TokenLogprob(token, float(log_probs[token]), alternatives)
+        chosen = log_probs.gather(-1, tokens[:, None])[:, 0].tolist()
+        values, indices = (best.values.tolist(), best.indices.tolist()) if best is not None else ([], [])
+        return [TokenLogprob(token, chosen[i], list(zip(indices[i][:k], values[i][:k])) if k else [])
+                for i, (_, token, k) in enumerate(rows)]
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Choose the next token of `seq` from its raw logits, report it, and finish it if it is done."""
+    def _report(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        """Record `token` as the next of `seq`, report it, and finish `seq` if it is done."""
         params = seq.params
-        token = choose(process_logits(logits.clone(), params, seq.prompt_ids, seq.counts), params, seq.generator)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        event = Event(tokens=[token])
-        if params.logprobs is not None:  # of the model's own distribution, as OpenAI reports them
-            event.logprobs.append(self._logprob(logits.log_softmax(-1), token, params.logprobs))
+        event = Event(tokens=[token], logprobs=[logprob] if logprob is not None else [])
         stop_token = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
         if not stop_token:
             seq.output_ids.append(token)

@@ -82,8 +82,27 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return logits.nan_to_num(nan=float("nan"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """The next token from processed logits: argmax when greedy, else a draw from `generator`."""
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """The next token from processed logits, as a 0-d tensor on their device (no host sync): argmax
+    when greedy, else a draw from `generator`, which lives on the same device."""
     if params.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        return logits.argmax()
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index drawn from `probs` [vocab]: argmax(p / q) with q ~ Exp(1) is a draw from p.
+
+    This is torch.multinomial's own one-sample algorithm, so the same generator state gives the
+    same token; multinomial first checks the probabilities with a host sync, which a GPU decode
+    step cannot afford per row. Invalid probabilities (NaN, inf) are caught by the caller.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax()
+
+
+def valid(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """A 0-d bool tensor: these processed logits can be sampled (what multinomial would check)."""
+    if params.greedy:
+        return torch.ones((), dtype=torch.bool, device=logits.device)
+    return ~logits.isnan().any() & (logits.amax() > float("-inf"))

@@ -43,10 +43,11 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10
-    parallel: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2, fully_shard per block)
+    parallel: str = "auto"  # with several processes: "fsdp" (FSDP2, fully_shard per block; what auto picks) or "ddp"
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # compute dtype (bfloat16 or float32; auto: bf16 on cuda); master weights are always fp32
     val_fraction: float = 0.05  # finetune: share of conversations held out (train: fixed by `data prepare`)
     lora_rank: int = 0  # finetune: 0 trains every weight; >= 1 trains LoRA adapters only
     lora_alpha: float = 16.0
@@ -65,8 +66,11 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append("need lr > 0, 0 <= min_lr <= lr and warmup_steps >= 0")
-        if self.parallel not in ("ddp", "fsdp"):
-            problems.append(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            problems.append(f"dtype must be auto, bfloat16 or float32 (float16 would need loss scaling), "
+                            f"got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not self.data or not self.tokenizer:

@@ -6,22 +6,17 @@ model (torchtitan's order: checkpointing, compile, then DDP or FSDP2 per block).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from havoc_core.config import HavocConfig
@@ -33,6 +28,16 @@ from havoc_core.tokenizer import HavocTokenizer
 from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from havoc_training.config import TrainConfig, check_seq_len
 from havoc_training.data import TokenLoader
+from havoc_training.distributed import (
+    autocast,
+    compute_dtype,
+    device_for,
+    init_distributed,
+    materialize,
+    parallel_mode,
+    parallelize,
+    set_gradient_sync,
+)
 from havoc_training.finetune import ChatLoader
 from havoc_training.lora import apply_lora
 from havoc_training.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
@@ -72,8 +77,10 @@ class Trainer:
             raise ValueError("fine-tuning needs init_from: a HAVOC checkpoint or a Hugging Face Llama folder")
         if resume and overwrite:
             raise ValueError("--resume continues the run in out and --overwrite replaces it: choose one")
-        self.rank, self.world_size = _init_distributed()
-        self.device = _device(config.device, self.rank)
+        self.device = device_for(config.device)
+        self.rank, self.world_size = init_distributed(self.device)
+        self.parallel = parallel_mode(config.parallel, self.world_size)
+        self.dtype = compute_dtype(config.dtype, self.device)
         self.out = Path(config.out)
         self._claim_out(resume, overwrite)
         self.tokenizer = HavocTokenizer.load(config.tokenizer)
@@ -82,6 +89,7 @@ class Trainer:
         self.val_loader = self._validation_loader()
         torch.manual_seed(config.seed)
         if config.init_from:
+            # fp32 master weights whatever the file holds; the compute dtype is applied below.
             model = _load_init(config.init_from, self.device)
             check_vocab(model.config, self.tokenizer, config.init_from)
             check_seq_len(config.seq_len, model.config.max_seq_len, f"init_from {config.init_from}")
@@ -92,13 +100,21 @@ class Trainer:
             if model_config.max_seq_len > preset_len:
                 self._print(f"note: max_seq_len raised from the {config.model} preset's {preset_len} to seq_len "
                             f"{config.seq_len} (set model_overrides max_seq_len to choose another)")
-            with torch.device(self.device):
+            # Built on meta, so no memory and no random numbers are spent before `materialize`.
+            # Under FSDP no rank ever holds the whole model: it is sharded first, then each rank
+            # initialises its shard only; DDP broadcasts real weights, so they come first.
+            with torch.device("meta"):
                 model = HavocModel(model_config)
+            if self.parallel != "fsdp":
+                materialize(model, self.device)
         self.model_config = model.config
         if config.lora_rank:
             apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.raw_model = model
-        self.model = self._parallelize(model)
+        self.model = parallelize(model, self.parallel, self.device, self.dtype, config.activation_checkpointing,
+                                 config.compile)
+        if model.embed_tokens.weight.is_meta:
+            materialize(model, self.device)
         self.optimizer = build_optimizer(self.model, config, fused=self.device.type == "cuda")
         self.step = 0
         self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths(), device=self.device, dtype=torch.float64)
@@ -146,26 +162,6 @@ class Trainer:
                         "validation")
             return None
         return loader
-
-    def _parallelize(self, model: HavocModel) -> torch.nn.Module:
-        config = self.config
-        for block in model.layers:
-            if config.activation_checkpointing:
-                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-            if config.compile:
-                block.compile()
-        if self.world_size == 1:
-            return model
-        if config.parallel == "ddp":
-            return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.device.type == "cuda" else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the root holds the (tied) embedding and final norm
-        return model
 
     def _resume(self) -> None:
         found = checkpoints(self.out / "checkpoints")
@@ -249,10 +245,8 @@ class Trainer:
         scale = self.world_size / tokens.clamp(min=1)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for micro, (inputs, targets) in enumerate(batches):
-            # DDP: only the last micro-batch all-reduces gradients.
-            sync = micro == self.accumulation - 1 or not isinstance(self.model, DistributedDataParallel)
-            context = self.model.no_sync() if not sync else nullcontext()
-            with context, self._autocast():
+            # Only the last micro-batch reduces gradients across ranks (all-reduce or reduce-scatter).
+            with set_gradient_sync(self.model, micro == self.accumulation - 1), self._autocast():
                 logits = self.model(inputs).logits
                 nats = _nats(logits, targets)
             (nats * scale.float()).backward()
@@ -293,8 +287,7 @@ class Trainer:
         return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
 
     def _autocast(self):
-        # bf16 autocast with fp32 master weights on GPU; plain fp32 on CPU.
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return autocast(self.device, self.dtype, self.parallel)
 
     def _print(self, message: str) -> None:
         if self.rank == 0:
@@ -310,26 +303,9 @@ def _load_init(path: str, device: torch.device) -> HavocModel:
     """Weights to start from: a HAVOC folder, or a Hugging Face Llama folder converted on the way in."""
     config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
     if "model_type" not in config:
-        return HavocModel.load_pretrained(path, device=device)
+        return HavocModel.load_pretrained(path, device=device, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        return HavocModel.load_pretrained(hf_to_havoc(path, Path(tmp) / "havoc"), device=device)
-
-
-def _init_distributed() -> tuple[int, int]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
-
-
-def _device(name: str, rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        return HavocModel.load_pretrained(hf_to_havoc(path, Path(tmp) / "havoc"), device=device, dtype=torch.float32)
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -45,12 +45,13 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        cos, sin = self._tables(torch.device("cpu"))
-        # Derived from the config, so not saved in checkpoints.
+        # On the ambient device (`with torch.device(...)`), like the parameters; derived from the
+        # config, so not saved in checkpoints.
+        cos, sin = self._tables(None)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / self.theta ** (
             torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         )
@@ -58,9 +59,11 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
-    def reset_tables(self, device: torch.device | str) -> None:
-        """Recompute the tables on `device` (after building the model on the meta device)."""
-        self.cos, self.sin = self._tables(torch.device(device))
+    def reset_tables(self, device: torch.device | str | None = None) -> None:
+        """Recompute the tables in fp32 on `device` (default: where they are now), e.g. after the
+        model was built on the meta device and materialised with `to_empty`."""
+        device = self.cos.device if device is None else torch.device(device)
+        self.cos, self.sin = self._tables(device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `position_ids` [batch, seq], shaped [batch, 1, seq, head_dim]."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,18 +52,44 @@ class HavocModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def parameter_inits(self) -> list[tuple[str, nn.Parameter, Callable[[torch.Tensor], None]]]:
+        """Each parameter (a tied matrix once) with its in-place init, in the order reset_parameters
+        draws them: GPT-NeoX style, weights ~ N(0, initializer_range), norms 1, the pad row 0.
+
+        A sharded trainer runs the same inits on full-size tensors in the same order and keeps its
+        shard of each, so the weights equal one-process init for the same seed."""
+        std, pad = self.config.initializer_range, self.config.pad_token_id
+
+        def normal(t: torch.Tensor) -> None:
+            t.normal_(0.0, std)
+
+        def embedding(t: torch.Tensor) -> None:
+            t.normal_(0.0, std)
+            t[pad].zero_()
+
+        def ones(t: torch.Tensor) -> None:
+            t.fill_(1.0)
+
+        inits = []
+        for name, param in self.named_parameters():
+            module = self.get_submodule(name.rpartition(".")[0])
+            if param is self.embed_tokens.weight:
+                inits.append((name, param, embedding))
+            elif isinstance(module, RMSNorm):
+                inits.append((name, param, ones))
+            elif isinstance(module, nn.Linear):
+                inits.append((name, param, normal))
+            else:
+                raise TypeError(f"no init is defined for parameter {name}")
+        return inits
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-NeoX style init: weights ~ N(0, initializer_range), biases 0, norms 1, pad row 0."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        self.embed_tokens.weight[self.config.pad_token_id].zero_()
+        """Initialise every parameter (see parameter_inits) and rebuild the RoPE tables where the
+        weights are: after `to_empty`, this is what makes a meta-built model real."""
+        for _, param, init in self.parameter_inits():
+            init(param)
+        self.rotary.reset_tables(self.embed_tokens.weight.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
@@ -287,14 +314,18 @@ class HavocModel(nn.Module):
 
     @classmethod
     def load_pretrained(
-        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
     ) -> HavocModel:
-        """Load a `save_pretrained` directory; the model comes back in eval mode, as in transformers."""
+        """Load a `save_pretrained` directory; the model comes back in eval mode, as in transformers.
+
+        `dtype` (a torch.dtype or its name) defaults to bfloat16 on CUDA and float32 on the CPU,
+        whatever dtype the file holds."""
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu'")
+        dtype = resolve_dtype(dtype, device)
         config = HavocConfig.load(directory / CONFIG_NAME)
         state, weights_file = load_weights(directory, device)
         with torch.device("meta"):
@@ -309,6 +340,22 @@ class HavocModel(nn.Module):
 
 
 SigmaModel = HavocModel
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """A dtype or its name ("bfloat16", "float16", "float32"); None or "auto" is bfloat16 on CUDA
+    (tensor cores, half the memory of fp32) and float32 on the CPU."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    return dtype
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], Path]:
