@@ -96,6 +96,12 @@ def _train(args: argparse.Namespace) -> None:
     from havoc_training.trainer import Trainer
 
     config = load_config(args.config, overrides_from(args))
+    if args.dry_run:
+        from havoc_training.memory import dry_run
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(dry_run(config))
+        return
     summary = Trainer(config, resume=args.resume, chat=args.command == "finetune", overwrite=args.overwrite).train()
     if int(os.environ.get("RANK", "0")) == 0:
         print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
@@ -104,7 +110,7 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from havoc_training.checkpoint import export_checkpoint
 
-    print(f"wrote {export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)}")
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype)}")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -119,7 +125,7 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     from havoc_core.pretrained import load_model_and_tokenizer
     from havoc_eval.perplexity import perplexity, read_texts
 
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
     result = perplexity(model, tokenizer, read_texts(args.data, args.text_field), context=args.context,
                         stride=args.stride, batch_size=args.batch_size, show_progress=True)
     text = json.dumps(result, indent=2)
@@ -134,7 +140,8 @@ def _bench(args: argparse.Namespace) -> None:
     from havoc_eval.bench import bench, chart, table
 
     result = bench(args.model, device=args.device, dtype=args.dtype, prefill_tokens=args.prefill_tokens,
-                   new_tokens=args.new_tokens, train_batch=args.train_batch, train_seq=args.train_seq,
+                   new_tokens=args.new_tokens, decode_batches=tuple(args.decode_batch), train_batch=args.train_batch,
+                   train_seq=args.train_seq,
                    repeats=args.repeats)
     print(table(result))
     if args.json:
@@ -148,7 +155,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.checkpoint, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key, slots=args.slots,
-          context=args.context, device=args.device, compile=args.compile, max_queue=args.max_queue,
+          context=args.context, device=args.device, dtype=args.dtype, compile=args.compile, max_queue=args.max_queue,
           max_seqs_per_request=args.max_seqs_per_request)
 
 
@@ -160,6 +167,14 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records (default: text)")
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="share of documents held out for validation, chosen by a hash of their text")
+
+
+DTYPE_CHOICES = ["bfloat16", "float16", "float32"]  # havoc_core's DTYPES, without importing torch to parse flags
+
+
+def _add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights and compute dtype (default: bfloat16 on "
+                                                               "cuda, float32 on the cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in out")
         run.add_argument("--overwrite", action="store_true",
                          help="replace the run already in out (its checkpoints and metrics are deleted)")
+        run.add_argument("--dry-run", action="store_true",
+                         help="print the memory this run needs per process (weights, gradients, optimizer, "
+                              "activations) and exit without training")
         add_override_flags(run)
         run.set_defaults(func=_train)
 
@@ -208,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="new folder (config.json, model.safetensors and the tokenizer)")
     export.add_argument("--tokenizer", help="the tokenizer folder, if it has moved since training "
                                             "(default: the one the checkpoint recorded)")
+    export.add_argument("--dtype", choices=DTYPE_CHOICES,
+                        help="dtype of the written weights (default: the run's compute dtype, bf16 for a GPU run)")
     export.set_defaults(func=_export)
 
     quick = commands.add_parser("quickstart", help="tokenizer, data, a few minutes of training and samples")
@@ -226,16 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--device", default="cpu")
+    _add_dtype_argument(ppl)
     ppl.add_argument("--json", help="also write the result to this file")
     ppl.set_defaults(func=_eval_perplexity)
 
     bench = commands.add_parser("bench", help="prefill, decode and training throughput beside HF transformers")
     bench.add_argument("model", nargs="?", default="small", help="a checkpoint folder or a preset (default: small)")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_dtype_argument(bench)
     bench.add_argument("--prefill-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--train-batch", type=int, default=4)
+    bench.add_argument("--decode-batch", type=int, nargs="+", default=[1], metavar="B",
+                       help="batch sizes of the decode benchmark (default: 1)")
+    bench.add_argument("--train-batch", type=int, default=4, help="0 skips the training benchmark")
     bench.add_argument("--train-seq", type=int, default=256)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--json", help="also write the results here")
@@ -252,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV cache rows)")
     serve.add_argument("--context", type=int, help="tokens per slot (default: the model's max_seq_len)")
     serve.add_argument("--device", default="cpu")
+    _add_dtype_argument(serve)
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     serve.add_argument("--max-queue", type=int, help="sequences that may wait for a slot; past it, 429 "
                                                      "(default: 4 x slots)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
@@ -18,16 +17,39 @@ from pathlib import Path
 import torch
 
 from havoc_core.config import HavocConfig
-from havoc_core.interop import havoc_to_hf
+from havoc_core.interop.hf import hf_config_dict, weight_names
 from havoc_core.model import HavocModel
+from havoc_core.model.transformer import resolve_dtype
 
 
 def _load(model: str, device: str, dtype: torch.dtype) -> HavocModel:
     if Path(model).is_dir():
         return HavocModel.load_pretrained(model, device=device, dtype=dtype)
+    # Built on meta and initialised in place: a 7B preset never exists in fp32 on the way.
+    with torch.device("meta"):
+        ours = HavocModel(HavocConfig.preset(model)).to(dtype)
+    ours.to_empty(device=device)
+    ours.tie_weights()
     torch.manual_seed(0)
+    ours.reset_parameters()
+    return ours.eval()
+
+
+def _hf_twin(ours: HavocModel, dtype: torch.dtype):
+    """LlamaForCausalLM with the same weights, built in memory (no files: 2 x 14 GB at 7B)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = ours.embed_tokens.weight.device
+    config = LlamaConfig(**hf_config_dict(ours.config, dtype), attn_implementation="sdpa")
     with torch.device(device):
-        return HavocModel(HavocConfig.preset(model)).to(dtype).eval()
+        theirs = LlamaForCausalLM._from_config(config, dtype=dtype)
+    state = ours.state_dict()
+    missing, unexpected = theirs.load_state_dict(
+        {hf: state[name] for name, hf in weight_names(ours.config).items()}, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if ours.config.tie_word_embeddings else set()):
+        raise RuntimeError(f"HF model does not match: missing {missing}, unexpected {unexpected}")
+    theirs.tie_weights()
+    return theirs.eval()
 
 
 def _sync(device: str) -> None:
@@ -35,26 +57,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", prefill_tokens: int = 512,
-          new_tokens: int = 128, train_batch: int = 4, train_seq: int = 256, repeats: int = 5) -> dict:
-    """Run the three benchmarks; `model` is a checkpoint folder or a preset name."""
-    from transformers import LlamaForCausalLM  # the reference; imported only when benchmarking
-
-    torch_dtype = getattr(torch, dtype)
+def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, prefill_tokens: int = 512,
+          new_tokens: int = 128, decode_batches: tuple[int, ...] = (1,), train_batch: int = 4, train_seq: int = 256,
+          repeats: int = 5) -> dict:
+    """Run the benchmarks; `model` is a checkpoint folder or a preset name; `train_batch` 0 skips training
+    (7B with AdamW does not fit one GPU)."""
+    torch_dtype = resolve_dtype(dtype, device)
     ours = _load(model, device, torch_dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(f"{tmp}/havoc")
-        havoc_to_hf(f"{tmp}/havoc", f"{tmp}/hf")
-        theirs = LlamaForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch_dtype, attn_implementation="sdpa")
-    theirs = theirs.to(device).eval()
+    theirs = _hf_twin(ours, torch_dtype)
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(3, vocab, (1, prefill_tokens), generator=g).to(device)
-    prompt = torch.randint(3, vocab, (1, 16), generator=g).to(device)
+    prompts = {b: torch.randint(3, vocab, (b, 16), generator=g).to(device) for b in decode_batches}
     train_ids = torch.randint(3, vocab, (train_batch, train_seq), generator=g).to(device)
 
     if torch_dtype == torch.float32:
         with torch.inference_mode():
+            prompt = prompts[decode_batches[0]]
             a = ours.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None)
             b = theirs.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         if not torch.equal(a, b):
@@ -64,17 +83,21 @@ def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", pre
         with torch.inference_mode():
             m(prefill_ids)
 
-    def decode(m):
-        with torch.inference_mode():
-            if m is ours:
-                ours.generate(prompt, max_new_tokens=new_tokens, eos_token_id=None)
-            else:
-                theirs.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
+    def decoder(batch: int) -> Callable:
+        def decode(m):
+            with torch.inference_mode():
+                if m is ours:
+                    ours.generate(prompts[batch], max_new_tokens=new_tokens, eos_token_id=None)
+                else:
+                    theirs.generate(prompts[batch], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+        return decode
 
-    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs)}
+    optimizers = {}
 
     def train_step(m):
+        if id(m) not in optimizers:  # created on first use: Adam's state costs 2x the weights
+            optimizers[id(m)] = torch.optim.AdamW(m.parameters(), lr=1e-5)
         m.train()
         loss = ours.compute_loss(train_ids)[0] if m is ours else theirs(train_ids, labels=train_ids).loss
         loss.backward()
@@ -82,11 +105,11 @@ def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", pre
         optimizers[id(m)].zero_grad(set_to_none=True)
         m.eval()
 
-    tasks: dict[str, tuple[Callable, int]] = {
-        f"prefill 1x{prefill_tokens}": (prefill, prefill_tokens),
-        f"decode b=1, {new_tokens} new": (decode, new_tokens),
-        f"train {train_batch}x{train_seq} AdamW": (train_step, train_batch * train_seq),
-    }
+    tasks: dict[str, tuple[Callable, int]] = {f"prefill 1x{prefill_tokens}": (prefill, prefill_tokens)}
+    for b in decode_batches:
+        tasks[f"decode b={b}, {new_tokens} new"] = (decoder(b), b * new_tokens)
+    if train_batch:
+        tasks[f"train {train_batch}x{train_seq} AdamW"] = (train_step, train_batch * train_seq)
     rows = []
     for name, (fn, tokens) in tasks.items():
         fn(ours), fn(theirs)  # warm-up
@@ -102,7 +125,7 @@ def bench(model: str = "small", device: str = "cpu", dtype: str = "float32", pre
         rows.append({"benchmark": f"{name} (tok/s)", "havoc": havoc, "hf": hf, "ratio": havoc / hf})
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": dtype,
+    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": str(torch_dtype).removeprefix("torch."),
             "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
 
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from havoc_core.atomic import atomic_directory
 from havoc_core.config import HavocConfig
 from havoc_core.tokenizer.tokenizer import TOKENIZER_FILE
-from havoc_training.lora import apply_lora, merge_lora
+from havoc_training.lora import merged
 
 STATE_FILE = "trainer_state.json"
 CHECKSUMS_FILE = "checksums.json"
@@ -218,10 +218,16 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
     return state
 
 
-def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path | None = None,
+                      dtype: str | None = None) -> Path:
     """Write a training checkpoint as a `save_pretrained` folder (config.json + model.safetensors)
-    with its tokenizer: `tokenizer`, or the one the checkpoint recorded."""
+    with its tokenizer: `tokenizer`, or the one the checkpoint recorded.
+
+    The weights are read from the DCP files one tensor at a time and cast to `dtype` (default: the
+    run's compute dtype, so bf16 for a GPU run), LoRA adapters folded in on the way: the peak is the
+    exported model plus one fp32 tensor, and no model is ever built with random weights."""
     from havoc_core.model import HavocModel
+    from havoc_core.model.transformer import resolve_dtype
     from havoc_core.tokenizer import HavocTokenizer
 
     path = Path(path)
@@ -239,16 +245,34 @@ def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path |
     if recorded and loaded.sha256 != recorded:
         raise ValueError(f"{tokenizer_dir} is not the tokenizer the checkpoint was trained with (sha256 "
                          f"{loaded.sha256[:12]}..., trained with {recorded[:12]}...)")
-    model = HavocModel(HavocConfig.from_dict(state["model_config"]))
-    if "lora" in state:
-        apply_lora(model, state["lora"]["rank"], state["lora"]["alpha"], state["lora"]["targets"])
-    target = {"model": model.state_dict()}
+    out_dtype = resolve_dtype(dtype or state.get("dtype", "float32"), "cpu")
+    with torch.device("meta"):  # names and shapes only
+        model = HavocModel(HavocConfig.from_dict(state["model_config"]))
     _check_metadata(path)
-    dcp.load(target, checkpoint_id=str(path))  # reshards: any number of writers, one reader
-    model.load_state_dict(target["model"])
-    if "lora" in state:
-        merge_lora(model)  # the export is a plain model with the adapters folded in
+    lora = state.get("lora")
+    weights = {}
+    for name, like in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensor = _read_tensor(path, name, like.shape)
+        module = name.removesuffix(".weight")
+        if lora and module.rsplit(".", 1)[-1] in lora["targets"] and name.endswith(".weight"):
+            a = _read_tensor(path, f"{module}.lora_A", (lora["rank"], tensor.shape[1]))
+            b = _read_tensor(path, f"{module}.lora_B", (tensor.shape[0], lora["rank"]))
+            tensor = merged(tensor, a, b, lora["alpha"] / lora["rank"])  # the export is a plain model
+        weights[name] = tensor.to(out_dtype)
+    if model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         loaded.save(tmp)  # a served model needs its tokenizer beside it
     return Path(out)
+
+
+def _read_tensor(path: Path, name: str, shape) -> torch.Tensor:
+    """One fp32 model tensor of a DCP checkpoint (resharded: any number of writers, one reader)."""
+    tensor = torch.empty(tuple(shape), dtype=torch.float32)
+    dcp.load({"model": {name: tensor}}, checkpoint_id=str(path))
+    return tensor

@@ -40,12 +40,17 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) ->
     return count
 
 
+def merged(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain weight equal to `weight` with its adapter: W + scale * B A."""
+    return weight + (lora_B @ lora_A) * scale
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight and remove it; the model becomes plain again."""
     for module in model.modules():
         if hasattr(module, "lora_hook"):
-            module.weight += (module.lora_B @ module.lora_A) * module.lora_scale
+            module.weight.copy_(merged(module.weight, module.lora_A, module.lora_B, module.lora_scale))
             module.lora_hook.remove()
             del module.lora_A, module.lora_B, module.lora_scale, module.lora_hook
     model.requires_grad_(True)

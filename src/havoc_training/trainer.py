@@ -219,7 +219,8 @@ class Trainer:
                 summary = self.evaluate()
                 self.metrics.log({"step": self.step, **summary})
             if self.step % config.save_every == 0 or self.step == config.max_steps:
-                extra = {"tokenizer": str(Path(config.tokenizer).resolve()), "tokenizer_sha256": self.tokenizer.sha256}
+                extra = {"tokenizer": str(Path(config.tokenizer).resolve()), "tokenizer_sha256": self.tokenizer.sha256,
+                         "dtype": str(self.dtype).removeprefix("torch.")}  # what `havoc export` writes by default
                 if config.lora_rank:
                     extra["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets}
                 save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.loader,
