@@ -181,11 +181,12 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.decoder = _Decoder(model, slots, self.context)
         self.decode_step = self.decoder
+        # dynamic=False: each batch size is its own fixed-shape graph, compiled once at warm-up.
         if compile and self.device.type == "cuda":
             # CUDA graphs: one recording per batch size at warm-up, then replays.
-            self.decode_step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True)
+            self.decode_step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True, dynamic=False)
         elif compile:
-            self.decode_step = torch.compile(self._decode_step_rows, fullgraph=True)
+            self.decode_step = torch.compile(self._decode_step_rows, fullgraph=True, dynamic=False)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.lock = threading.Lock()
