@@ -589,3 +589,29 @@ def test_shutdown_ends_streams_cleanly_and_exits(slow_model_dir, signals):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_serves_bf16_weights_on_the_cpu(model_dir, tokenizer):
+    """`--dtype bfloat16`: the server answers the openai client with the bf16 engine's own tokens."""
+    from havoc_core.pretrained import load_model_and_tokenizer
+    from havoc_inference.engine import Engine
+    from havoc_inference.sampling import SamplingParams
+
+    model, _ = load_model_and_tokenizer(model_dir, dtype="bfloat16")
+    prompt = "def add(a, b):"
+    expected = Engine(model, tokenizer, slots=1).generate(
+        tokenizer.encode(prompt), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].tokens
+    proc, url = _start(model_dir, "--dtype", "bfloat16")
+    try:
+        _wait_ready(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}, logprobs=0)
+        assert reply.choices[0].logprobs.tokens  # per-token log-probabilities come back in bf16 too
+        assert reply.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, seed=5,
+                                            extra_body={"ignore_eos": True})
+        assert sampled.usage.completion_tokens == 12
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

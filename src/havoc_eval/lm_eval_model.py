@@ -23,7 +23,7 @@ from havoc_inference.sampling import SamplingParams
 
 @register_model("havoc")
 class HavocLM(LM):
-    def __init__(self, pretrained: str, tokenizer: str | None = None, device: str = "cpu",
+    def __init__(self, pretrained: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None,
                  batch_size: int | str = 8, max_length: int | None = None, stride: int | None = None,
                  seed: int = 1234, **kwargs):
         super().__init__()
@@ -31,7 +31,8 @@ class HavocLM(LM):
             if device:  # lm_eval's own default is cuda, also on machines without one
                 warnings.warn(f"device {device!r} is not available; evaluating on the CPU", stacklevel=2)
             device = "cpu"
-        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device)
+        # dtype: bfloat16 on cuda and float32 on the cpu unless `--model_args dtype=...` says otherwise.
+        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device, dtype=dtype)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" falls back to 8
         self.max_length = int(max_length or self.model.config.max_seq_len)
         # The same windows as `havoc eval perplexity` by default, so the two agree on the same text.

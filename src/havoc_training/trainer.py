@@ -188,9 +188,8 @@ class Trainer:
             raise ValueError(f"nothing to do: {self.out} is already at step {self.step} and max_steps is "
                              f"{config.max_steps}; raise max_steps to train further")
         tokens_per_step = config.global_batch_tokens
-        flops_per_token = 6 * self.raw_model.num_parameters() + 12 * self.model_config.num_layers * \
-            self.model_config.d_model * config.seq_len
-        peak = _peak_flops(self.device)
+        per_token = flops_per_token(self.model_config, self.raw_model.num_parameters(), config.seq_len)
+        peak = peak_flops(self.device)
         bar = tqdm(total=config.max_steps, initial=self.step, disable=self.rank != 0, desc="training", unit="step")
         last_log, window_start, first_loss, summary = self.step, time.perf_counter(), None, {}
         start = time.perf_counter()
@@ -211,7 +210,7 @@ class Trainer:
                 tokens_per_s = tokens_per_step * (self.step - last_log) / elapsed
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
                 if peak:
-                    record["mfu"] = tokens_per_s * flops_per_token / (peak * self.world_size)
+                    record["mfu"] = tokens_per_s * per_token / (peak * self.world_size)
                 self.metrics.log(record)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
                 last_log, window_start = self.step, time.perf_counter()
@@ -309,7 +308,14 @@ def _load_init(path: str, device: torch.device) -> HavocModel:
         return HavocModel.load_pretrained(hf_to_havoc(path, Path(tmp) / "havoc"), device=device, dtype=torch.float32)
 
 
-def _peak_flops(device: torch.device) -> float | None:
+def flops_per_token(config: HavocConfig, parameters: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
+    scores and weighted sum over seq_len keys (PaLM's appendix B)."""
+    return 6 * parameters + 12 * config.num_layers * config.d_model * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a known GPU, for MFU; None elsewhere."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
