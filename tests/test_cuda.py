@@ -19,7 +19,6 @@ from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
-from havoc_training.checkpoint import checkpoints
 from havoc_training.config import TrainConfig
 from havoc_training.trainer import Trainer
 from test_server import _start, _wait_ready
