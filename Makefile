@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean chromium
+.PHONY: demo test bench gpu-check clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: $(STAMP)
 	mkdir -p runs/bench
 	$(VENV)/bin/havoc bench small --repeats 7 --json runs/bench/core.json --chart runs/bench/core.png
 	$(PY) benchmarks/bench_inference.py
+
+# On a machine with a CUDA GPU: its own python and torch (never reinstalled), HAVOC from src/.
+# Tests marked cuda, the 7B shape beside HF, 1B training tokens/s and MFU; results in GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

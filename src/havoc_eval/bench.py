@@ -37,12 +37,15 @@ def _load(model: str, device: str, dtype: torch.dtype) -> HavocModel:
 
 def _hf_twin(ours: HavocModel, dtype: torch.dtype):
     """LlamaForCausalLM with the same weights, built in memory (no files: 2 x 14 GB at 7B)."""
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = ours.embed_tokens.weight.device
     config = LlamaConfig(**hf_config_dict(ours.config, dtype), attn_implementation="sdpa")
+    # A GPU machine may have an older transformers than ours: before 5.0 the argument was torch_dtype.
+    name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with torch.device(device):
-        theirs = LlamaForCausalLM._from_config(config, dtype=dtype)
+        theirs = LlamaForCausalLM._from_config(config, **{name: dtype})
     state = ours.state_dict()
     missing, unexpected = theirs.load_state_dict(
         {hf: state[name] for name, hf in weight_names(ours.config).items()}, strict=False)
