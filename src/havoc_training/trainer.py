@@ -1,7 +1,7 @@
 """Trainer: pretraining a HavocModel on a prepared dataset, on one CPU/GPU or many through torchrun.
 
-Parallelism, activation checkpointing, compile and precision are applied here, from outside the
-model (torchtitan's order: checkpointing, compile, then DDP or FSDP2 per block).
+Parallelism, activation checkpointing, compile and precision are applied from outside the model,
+by havoc_training.distributed (torchtitan's order: checkpointing, compile, then DDP or FSDP2 per block).
 """
 
 from __future__ import annotations
