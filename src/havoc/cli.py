@@ -134,6 +134,34 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _eval_humaneval(args: argparse.Namespace) -> None:
+    import json
+
+    from havoc_core.pretrained import load_model_and_tokenizer
+    from havoc_eval import humaneval
+    from havoc_eval.bench import markdown_table
+    from havoc_eval.sandbox import Limits
+
+    ks = args.k or [k for k in (1, 10, 100) if k <= args.samples_per_task]
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
+    max_tokens = min(args.max_tokens, model.config.max_seq_len // 2)
+    if max_tokens < args.max_tokens:
+        print(f"note: max_tokens {args.max_tokens} cut to {max_tokens}, half the model's context", file=sys.stderr)
+    if args.allow_unsandboxed:
+        print("warning: --allow-unsandboxed: completions run with time and memory limits only, with this "
+              "machine's network and files within their reach", file=sys.stderr)
+    result = humaneval.evaluate(model, tokenizer, samples_per_task=args.samples_per_task, temperature=args.temperature,
+                                top_p=args.top_p, ks=tuple(ks), limit=args.limit, max_tokens=max_tokens,
+                                seed=args.seed, slots=args.slots, sandboxed=not args.allow_unsandboxed,
+                                limits=Limits(timeout=args.timeout))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    rows = [(f"pass@{k}", f"{result[f'pass@{k}']:.4f}") for k in ks]
+    rows += [("problems x samples", f"{result['problems']} x {result['samples_per_task']}"),
+             ("seconds per problem", f"{result['seconds_per_problem']:.2f}")]
+    print(markdown_table(["HumanEval", Path(args.checkpoint).name], rows))
+
+
 def _bench(args: argparse.Namespace) -> None:
     import json
 
@@ -249,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_argument(ppl)
     ppl.add_argument("--json", help="also write the result to this file")
     ppl.set_defaults(func=_eval_perplexity)
+
+    he = eval_commands.add_parser("humaneval", help="HumanEval pass@k, completions executed in a sandbox (offline)")
+    he.add_argument("checkpoint", help="a model folder (save_pretrained or `havoc export`)")
+    he.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint folder)")
+    he.add_argument("--samples-per-task", type=int, default=1, help="completions per problem (default: 1)")
+    he.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); the paper samples at "
+                                                                    "0.2 for pass@1 and 0.8 for pass@100")
+    he.add_argument("--top-p", type=float, default=0.95)
+    he.add_argument("--k", type=int, nargs="+", help="pass@k to report (default: 1, 10, 100 up to the samples)")
+    he.add_argument("--limit", type=int, help="only the first N of the 164 problems")
+    he.add_argument("--max-tokens", type=int, default=384, help="tokens per completion (at most half the context)")
+    he.add_argument("--seed", type=int, default=0, help="problem i, sample j draws from seed + i x samples + j")
+    he.add_argument("--slots", type=int, default=16, help="sequences generated together")
+    he.add_argument("--timeout", type=float, default=5.0, help="seconds each completion's tests may run")
+    he.add_argument("--allow-unsandboxed", action="store_true",
+                    help="where namespaces are not available (not root, no unshare): run with limits only")
+    he.add_argument("--device", default="cpu")
+    _add_dtype_argument(he)
+    he.add_argument("--json", help="also write the result, every completion and its outcome, to this file")
+    he.set_defaults(func=_eval_humaneval)
 
     bench = commands.add_parser("bench", help="prefill, decode and training throughput beside HF transformers")
     bench.add_argument("model", nargs="?", default="small", help="a checkpoint folder or a preset (default: small)")
