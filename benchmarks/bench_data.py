@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
 from havoc_core.tokenizer.corpus import in_val_split
-from havoc_eval.bench import markdown_table
+from havoc_eval.bench import cpu_model, markdown_table
 from havoc_training.data import TokenLoader, prepare
 
 
@@ -81,7 +80,7 @@ def main() -> None:
     load, step = statistics.median(load_times[1:]), statistics.median(step_times[1:])
     rows.append(("loader next_batch (4x257)", f"{load * 1e3:.3f} ms", f"{100 * load / step:.3f}% of a {step * 1e3:.0f} ms train step (havoc_small, vocab {tokenizer.vocab_size})"))
 
-    print(f"# {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | embedded corpus: {len(files)} files")
+    print(f"# {date.today()} | {cpu_model()}, {torch.get_num_threads()} threads | embedded corpus: {len(files)} files")
     print(markdown_table(["measure", "value", "notes"], rows))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -19,7 +18,7 @@ import torch
 
 from havoc_core.pretrained import load_model_and_tokenizer
 from havoc_eval import humaneval
-from havoc_eval.bench import markdown_table
+from havoc_eval.bench import cpu_model, markdown_table
 
 
 def reference_checks() -> list[tuple]:
@@ -42,7 +41,7 @@ def main() -> None:
     parser.add_argument("--samples-per-task", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
-    print(f"# {date.today()} | {platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+    print(f"# {date.today()} | {cpu_model()}, {os.cpu_count()} cores, "
           f"torch {torch.get_num_threads()} threads")
     print(markdown_table(["the benchmark's own completions", "problems", "pass@1", "execution per problem"],
                          reference_checks()))

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from havoc_core.config import HavocConfig
 from havoc_core.interop import havoc_to_hf
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
-from havoc_eval.bench import markdown_table
+from havoc_eval.bench import cpu_model, markdown_table
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 
@@ -134,7 +133,7 @@ def main() -> None:
     rows = engine_vs_hf(model, tokenizer, hf, args.repeats)
     del hf
     rows += server_load(tmp / "model")
-    print(f"# {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | torch {torch.__version__}")
+    print(f"# {date.today()} | {cpu_model()}, {torch.get_num_threads()} threads | torch {torch.__version__}")
     print(markdown_table(["benchmark", "HAVOC", "HF transformers", "ratio"], rows))
 
 

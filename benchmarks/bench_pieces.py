@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 from havoc_core.tokenizer import stdlib_corpus
-from havoc_eval.bench import markdown_table
+from havoc_eval.bench import cpu_model, markdown_table
 
 # Runs one `havoc` command with the tokenizer's piece size set, then prints the child's peak RSS (KiB).
 RUN = """
@@ -44,13 +44,6 @@ def run(piece_chars: int, *args: str) -> tuple[float, float]:
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
     return int(done.stderr.strip().splitlines()[-1]) / 1024, seconds
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ Timed alternately (A B, then B A), medians.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ from transformers import LlamaForCausalLM
 
 from havoc_core.interop import havoc_to_hf
 from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
-from havoc_eval.bench import markdown_table
+from havoc_eval.bench import cpu_model, markdown_table
 from havoc_training.config import TrainConfig
 from havoc_training.data import prepare
 from havoc_training.trainer import Trainer, build_optimizer
@@ -73,7 +72,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     tokens = config.global_batch_tokens
     havoc, ref = (tokens / statistics.median(times[k]) for k in ("havoc", "hf"))
-    print(f"# {date.today()} | {platform.machine()}, {torch.get_num_threads()} threads | torch {torch.__version__} | "
+    print(f"# {date.today()} | {cpu_model()}, {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"transformers {transformers.__version__}")
     print(f"# havoc_small shape, vocab {tokenizer.vocab_size}, fp32, 8x256 tokens per step, AdamW + clip, "
           f"medians of {args.repeats} alternating steps")

@@ -32,7 +32,7 @@ import torch
 
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
-from havoc_eval.bench import bench, markdown_table, table
+from havoc_eval.bench import bench, cpu_model, markdown_table, table
 from havoc_training.config import TrainConfig
 from havoc_training.distributed import autocast, materialize, parallelize
 from havoc_training.trainer import build_optimizer, flops_per_token, peak_flops
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": str(date.today()), "torch": torch.__version__, "cuda": torch.version.cuda,
               "python": platform.python_version(),
               "machine": torch.cuda.get_device_name() if device == "cuda" else
-              f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"}
+              f"{cpu_model()}, {torch.get_num_threads()} threads"}
     print("1/3 tests marked cuda ...", flush=True)
     result["tests"] = run_tests(device, out)
     print("2/3 inference beside HF ...", flush=True)

@@ -55,6 +55,17 @@ def _hf_twin(ours: HavocModel, dtype: torch.dtype):
     return theirs.eval()
 
 
+def cpu_model() -> str:
+    """The processor's name (machines of one kind differ: every table says which one it ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -127,7 +138,7 @@ def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, p
         havoc, hf = (tokens / statistics.median(times[k]) for k in ("havoc", "hf"))
         rows.append({"benchmark": f"{name} (tok/s)", "havoc": havoc, "hf": hf, "ratio": havoc / hf})
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        f"{cpu_model()}, {torch.get_num_threads()} threads"
     return {"date": str(date.today()), "machine": machine, "model": model, "dtype": str(torch_dtype).removeprefix("torch."),
             "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
 
