@@ -6,11 +6,6 @@ They run on HAVOC_TEST_DEVICE (default cuda) and are skipped where it is absent,
 
 import dataclasses
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +17,7 @@ from havoc_inference.sampling import SamplingParams
 from havoc_training.config import TrainConfig
 from havoc_training.trainer import Trainer
 from test_server import _start, _wait_ready
-from test_train import _cli_args, _losses, data_dir  # noqa: F401 (data_dir is a fixture)
+from test_train import _killed_at_then_resumed, _losses, data_dir  # noqa: F401 (data_dir is a fixture)
 
 DEVICE = os.environ.get("HAVOC_TEST_DEVICE", "cuda")
 CUDA = DEVICE == "cuda"
@@ -50,21 +45,8 @@ def model(tokenizer):
 
 def test_train_from_scratch_in_bf16_then_kill_and_resume_exactly(config, tmp_path):
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
-    run = subprocess.run([sys.executable, "-m", "havoc.cli", "train", *_cli_args(straight)], capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    out = Path(config.out)
-    proc = subprocess.Popen([sys.executable, "-m", "havoc.cli", "train", *_cli_args(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000010" / "checksums.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run([sys.executable, "-m", "havoc.cli", "train", "--resume", *_cli_args(config)],
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _losses(straight.out), _losses(out)
+    _killed_at_then_resumed(straight, config, step=10)
+    a, b = _losses(straight.out), _losses(config.out)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert a[20] < a[1] - 0.5  # it learns in bf16
     # The data position, the weights, Adam's state and the RNG (dropout 0.1) are restored exactly; a

@@ -68,6 +68,9 @@ HOSTILE = {
     "posix.system (around the guard)": "    import posix\n    posix.system('touch {victim}')\n",
     "writing outside its directory": "    open('{victim}', 'w').write('x')\n",
     "a fork bomb": "    import posix\n    while True:\n        posix.fork()\n",
+    "a fork bomb that holds its processes": "    import posix, time\n    while True:\n        try:\n"
+                                            "            if posix.fork() == 0:\n                time.sleep(30)\n"
+                                            "        except OSError:\n            pass\n",
     "an infinite loop": "    while True:\n        pass\n",
     "a huge allocation": "    x = bytearray(64 << 30)\n",
     "the network": "    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\n",
@@ -107,19 +110,22 @@ def test_hostile_completions_fail_and_harm_nothing(attack, tmp_path):
     assert not outcome.passed, outcome
     assert neighbour.passed, neighbour
     assert not victim.exists() and not accepted
-    leftover = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-u", str(sandbox.NOBODY)], capture_output=True,
-                              text=True).stdout.strip().splitlines()
-    assert not leftover, f"processes of the sandbox user left running: {leftover}"
+    assert not _sandbox_processes(), f"processes of a sandbox user left: {_sandbox_processes()}"
+
+
+def _sandbox_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid=,uid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if int(line.split()[1]) >= sandbox.FIRST_UID]
 
 
 @needs_sandbox
-def test_the_sandbox_is_a_throwaway_directory_as_nobody():
-    outcome = sandbox.run("import os\nassert os.getuid() == 65534\nopen('scratch.txt', 'w').write('ok')\n"
-                          "assert os.listdir('.') == ['program.py', 'scratch.txt'] or '.mounts' in os.listdir('.')")
+def test_the_sandbox_is_a_throwaway_directory_of_its_own_user(monkeypatch):
+    monkeypatch.setenv("HAVOC_TEST_SECRET", "token")
+    outcome = sandbox.run("import os\nassert os.getuid() >= 1 << 20, os.getuid()\nopen('scratch.txt', 'w').write('ok')\n"
+                          "assert set(os.listdir('.')) <= {'program.py', 'scratch.txt', '.mounts'}, os.listdir('.')\n"
+                          "assert 'HAVOC_TEST_SECRET' not in os.environ\n")
     assert outcome.passed, outcome
-    assert not [p for p in Path("/tmp").glob("havoc-exec-*")]  # removed afterwards
-    env = sandbox.run("import os\nassert 'HF_TOKEN' not in os.environ and 'SECRET' not in os.environ")
-    assert env.passed, env
+    assert not list(Path("/tmp").glob("havoc-exec-*"))  # removed afterwards
 
 
 def test_without_namespaces_it_refuses_unless_allowed(monkeypatch, tokenizer):

@@ -89,23 +89,28 @@ def test_resume_after_sigkill_is_bit_identical(config, tmp_path):
     config = dataclasses.replace(config, seq_len=64, micro_batch=8, global_batch_tokens=1024, max_steps=40,
                                  save_every=20, eval_every=20, model_overrides={"dropout": 0.1})
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
+    _killed_at_then_resumed(straight, config, step=20)
+    assert _losses(config.out) == _losses(straight.out)  # every step, bit for bit
+
+
+def _killed_at_then_resumed(straight: TrainConfig, config: TrainConfig, step: int) -> None:
+    """Train `straight` through; train `config` in a process SIGKILLed once checkpoint `step` is
+    written, then resume it to the end."""
     run = subprocess.run([sys.executable, "-m", "havoc.cli", "train", *_cli_args(straight)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-
     out = Path(config.out)
     proc = subprocess.Popen([sys.executable, "-m", "havoc.cli", "train", *_cli_args(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step-000020" / "trainer_state.json").exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / f"step-{step:06d}" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert not (out / "checkpoints" / "step-000040").exists(), "the run finished before the kill"
+    assert not (out / "checkpoints" / f"step-{config.max_steps:06d}").exists(), "the run finished before the kill"
     resumed = subprocess.run([sys.executable, "-m", "havoc.cli", "train", "--resume", *_cli_args(config)],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    assert _losses(out) == _losses(straight.out)  # every step, bit for bit
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

