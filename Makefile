@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: this takes the CPU build on the machine's disk, not a CUDA download.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# llama-cpp-python takes ~15 minutes to build here: the shared wheelhouse has it prebuilt when present.
+	$(PY) -m pip install --quiet --find-links ../shared/wheels -e '.[dev]'
 	# lm-eval has no plugin discovery for models: this start-up hook registers `havoc` (see lm_eval_plugin.py).
 	echo 'import importlib.util; importlib.util.find_spec("havoc_eval") and __import__("havoc_eval.lm_eval_plugin")' \
 		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/havoc_lm_eval.pth"

@@ -14,6 +14,11 @@ from havoc_training.config import add_override_flags
 def _convert(args: argparse.Namespace) -> None:
     from havoc_core.interop import havoc_to_hf, hf_to_havoc
 
+    if args.direction == "havoc-to-gguf":
+        from havoc_core.interop.gguf import havoc_to_gguf
+
+        print(f"wrote {havoc_to_gguf(args.src, args.dst, type=args.type, tokenizer=args.tokenizer)}")
+        return
     if args.direction == "havoc-to-hf":
         out = havoc_to_hf(args.src, args.dst, tokenizer=args.tokenizer)
         if not (out / "tokenizer.json").exists():
@@ -210,11 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert checkpoints between HAVOC and Hugging Face Llama")
-    convert.add_argument("direction", choices=["havoc-to-hf", "hf-to-havoc"])
+    convert.add_argument("direction", choices=["havoc-to-hf", "hf-to-havoc", "havoc-to-gguf"])
     convert.add_argument("src", help="checkpoint directory to read")
-    convert.add_argument("dst", help="new directory to write (must not exist or be empty)")
-    convert.add_argument("--tokenizer", help="havoc-to-hf: the tokenizer to write beside the model "
+    convert.add_argument("dst", help="new directory to write (must not exist or be empty); havoc-to-gguf: a new "
+                                     ".gguf file")
+    convert.add_argument("--tokenizer", help="havoc-to-hf, havoc-to-gguf: the tokenizer to write with the model "
                                              "(default: the one in src)")
+    convert.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                         help="havoc-to-gguf: the weights' type in the GGUF file (default: f16; norms stay f32)")
     convert.set_defaults(func=_convert)
 
     tokenizer = commands.add_parser("tokenizer", help="train and try the byte-level BPE tokenizer")
