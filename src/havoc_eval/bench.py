@@ -29,7 +29,6 @@ def _load(model: str, device: str, dtype: torch.dtype) -> HavocModel:
     with torch.device("meta"):
         ours = HavocModel(HavocConfig.preset(model)).to(dtype)
     ours.to_empty(device=device)
-    ours.tie_weights()
     torch.manual_seed(0)
     ours.reset_parameters()
     return ours.eval()

@@ -46,13 +46,6 @@ def parallel_mode(parallel: str, world_size: int) -> str:
     return "fsdp" if parallel == "auto" else parallel
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype matrix products run in; the master weights stay fp32 whatever this is."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 def autocast(device: torch.device, dtype: torch.dtype, mode: str):
     """bf16 autocast without FSDP; under FSDP its MixedPrecisionPolicy already casts the parameters."""
     if dtype == torch.float32 or mode == "fsdp":
@@ -92,7 +85,6 @@ def materialize(model: HavocModel, device: torch.device) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
-    model.tie_weights()  # to_empty gave each module its own new Parameter
     for _, param, init in model.parameter_inits():
         if isinstance(param, DTensor):
             full = torch.empty(param.shape, dtype=param.dtype, device=device)

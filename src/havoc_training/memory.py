@@ -18,9 +18,10 @@ import torch
 from havoc_core.config import HavocConfig
 from havoc_core.interop.hf import havoc_config_from_hf
 from havoc_core.model import HavocModel
+from havoc_core.model.transformer import resolve_dtype
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_training.config import TrainConfig
-from havoc_training.distributed import compute_dtype, parallel_mode
+from havoc_training.distributed import parallel_mode
 from havoc_training.lora import apply_lora
 
 GB = 1 << 30
@@ -83,7 +84,7 @@ def dry_run(config: TrainConfig) -> str:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Planned for the device the run will use: an explicit cuda needs no GPU here.
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    dtype = compute_dtype(config.dtype, torch.device("cuda" if cuda else "cpu"))
+    dtype = resolve_dtype(config.dtype, "cuda" if cuda else "cpu")
     mode = parallel_mode(config.parallel, world_size)
     if config.init_from:
         source = Path(config.init_from) / "config.json"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from havoc_core.config import HavocConfig
 from havoc_core.interop import hf_to_havoc
 from havoc_core.model import HavocModel
-from havoc_core.model.transformer import IGNORE_INDEX
+from havoc_core.model.transformer import IGNORE_INDEX, resolve_dtype
 from havoc_core.pretrained import check_vocab
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_training.checkpoint import checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -30,7 +30,6 @@ from havoc_training.config import TrainConfig, check_seq_len
 from havoc_training.data import TokenLoader
 from havoc_training.distributed import (
     autocast,
-    compute_dtype,
     device_for,
     init_distributed,
     materialize,
@@ -80,7 +79,7 @@ class Trainer:
         self.device = device_for(config.device)
         self.rank, self.world_size = init_distributed(self.device)
         self.parallel = parallel_mode(config.parallel, self.world_size)
-        self.dtype = compute_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)  # compute; the master weights stay fp32
         self.out = Path(config.out)
         self._claim_out(resume, overwrite)
         self.tokenizer = HavocTokenizer.load(config.tokenizer)

@@ -63,7 +63,7 @@ def havoc_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, type: str = "f
         raise FileNotFoundError(f"{tokenizer_dir} has no {TOKENIZER_FILE}: a GGUF file carries its tokenizer, so "
                                 "pass --tokenizer with the folder the model was trained with")
     check_vocab(config, HavocTokenizer.load(tokenizer_dir), src)
-    state, weights_file = load_weights(src)
+    state, _ = load_weights(src)
     names = gguf_names(config)
     if type == "q8_0":
         odd = [(name, tuple(state[name].shape)) for name in names

@@ -59,11 +59,10 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
-    def reset_tables(self, device: torch.device | str | None = None) -> None:
-        """Recompute the tables in fp32 on `device` (default: where they are now), e.g. after the
-        model was built on the meta device and materialised with `to_empty`."""
-        device = self.cos.device if device is None else torch.device(device)
-        self.cos, self.sin = self._tables(device)
+    def reset_tables(self, device: torch.device | str) -> None:
+        """Recompute the tables in fp32 on `device`, e.g. after the model was built on the meta device
+        and materialised with `to_empty`."""
+        self.cos, self.sin = self._tables(torch.device(device))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `position_ids` [batch, seq], shaped [batch, 1, seq, head_dim]."""

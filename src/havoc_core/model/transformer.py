@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -51,6 +51,12 @@ class HavocModel(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> HavocModel:
+        """nn.Module.to_empty, keeping a tied LM head tied (it gives each module a new Parameter)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     def parameter_inits(self) -> list[tuple[str, nn.Parameter, Callable[[torch.Tensor], None]]]:
         """Each parameter (a tied matrix once) with its in-place init, in the order reset_parameters
