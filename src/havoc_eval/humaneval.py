@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_eval import sandbox
+from havoc_eval.scoring import generation_prompt
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 
@@ -54,11 +55,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def prompt_ids(tokenizer: HavocTokenizer, prompt: str, context: int, max_tokens: int) -> list[int]:
-    """<|bos|> + the prompt, its start cut to leave max_tokens of room (as lm-eval's generate_until)."""
-    return [tokenizer.bos_token_id, *tokenizer.encode(prompt)][-(context - max_tokens):]
-
-
 def generate(model: HavocModel, tokenizer: HavocTokenizer, tasks: list[dict], samples_per_task: int,
              temperature: float, top_p: float, max_tokens: int, seed: int, slots: int) -> list[list[str]]:
     """`samples_per_task` completions of every problem, all submitted at once to one engine."""
@@ -70,7 +66,8 @@ def generate(model: HavocModel, tokenizer: HavocTokenizer, tasks: list[dict], sa
     for i, task in enumerate(tasks):
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=STOPS,
                                 seed=seed + i * samples_per_task, ignore_eos=False)
-        sequences += engine.submit([prompt_ids(tokenizer, task["prompt"], context, max_tokens)], params,
+        # The same prompt as lm-eval's generate_until builds, so both paths give the same completions.
+        sequences += engine.submit([generation_prompt(tokenizer, task["prompt"], context - max_tokens)], params,
                                    n=samples_per_task)
     texts = [c.text for c in engine.collect(sequences)]
     return [texts[i * samples_per_task : (i + 1) * samples_per_task] for i in range(len(tasks))]

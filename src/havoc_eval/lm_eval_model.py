@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from havoc_core.pretrained import load_model_and_tokenizer
 from havoc_eval.perplexity import document_windows
-from havoc_eval.scoring import rolling_windows, score
+from havoc_eval.scoring import generation_prompt, rolling_windows, score
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 
@@ -107,7 +107,7 @@ class HavocLM(LM):
             keep = self.max_length - max_new
             if keep < 1:
                 raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in max_length {self.max_length}")
-            prompt = [self.tokenizer.bos_token_id, *self.tokenizer.encode(context)][-keep:]
+            prompt = generation_prompt(self.tokenizer, context, keep)
             sequences += engine.submit([prompt], params)
         completions = engine.collect(sequences)
         return [c.text for c in tqdm(completions, disable=disable_tqdm, desc="generate_until")]

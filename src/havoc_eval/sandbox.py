@@ -87,8 +87,7 @@ def run(program: str, limits: Limits = DEFAULT_LIMITS, sandboxed: bool = True) -
                    str(limits.file_mb), str(int(limits.timeout) + 1), str(uid) if sandboxed else "0"]
         if sandboxed:
             command = [*UNSHARE, "--", *command]
-        # Its own session: on timeout the whole group (unshare and, through --kill-child, the
-        # namespace's init and so every process in it) is killed.
+        # Its own session, so that a program run without namespaces can be killed as a group (_kill).
         proc = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, start_new_session=True, env=_clean_env())
         try:

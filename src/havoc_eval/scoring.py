@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from havoc_core.model import HavocModel
+from havoc_core.tokenizer import HavocTokenizer
 
 
 def rolling_windows(tokens: Sequence[int], context: int, stride: int) -> Iterator[tuple[list[int], int]]:
@@ -27,6 +28,12 @@ def rolling_windows(tokens: Sequence[int], context: int, stride: int) -> Iterato
         scored_until = end
         if end == len(tokens):
             return
+
+
+def generation_prompt(tokenizer: HavocTokenizer, text: str, keep: int) -> list[int]:
+    """<|bos|> + the ids of `text`, its start cut to the last `keep` ids (as lm-eval's HF model cuts
+    a generation's context to leave room for the new tokens)."""
+    return [tokenizer.bos_token_id, *tokenizer.encode(text)][-keep:]
 
 
 # Rows of hidden states turned into log-probabilities at once: 1024 x 70000 fp32 is 290 MB,

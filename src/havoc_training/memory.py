@@ -52,10 +52,10 @@ def estimate(config: TrainConfig, model: HavocConfig, parameters: int, trainable
     out["optimizer (AdamW)"] = 8 * trainable / shards
 
     # Saved for backward per token of one block, as the block's code keeps them:
-    # RMSNorm x2: its fp32 input and normalised value (+ the output in the compute dtype when half);
+    # RMSNorm x2: its fp32 input and normalised value, and its output in the compute dtype;
     # attention: q, k, v, the rotate-half terms and rotated q, k, the SDPA output, its reshaped copy;
     # SwiGLU: w1 and w2 outputs, SiLU output, their product.
-    norms = 2 * (2 * 4 * d + (act * d if half else 4 * d))
+    norms = 2 * (2 * 4 * d + act * d)
     attention = act * (5 * d + 4 * kv)
     mlp = act * 4 * h
     block = tokens * (norms + attention + mlp + 4 * model.attention.num_heads)  # + SDPA's fp32 log-sum-exp
