@@ -11,8 +11,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: this takes the CPU build on the machine's disk, not a CUDA download.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# llama-cpp-python takes ~15 minutes to build here: the shared wheelhouse has it prebuilt when present.
-	$(PY) -m pip install --quiet --find-links ../shared/wheels -e '.[dev]'
+	# llama-cpp-python takes minutes to build here: the shared wheelhouse has it prebuilt when present.
+	# Built from source, it is built portable (AVX2, as that wheel is): -march=native crashed with an
+	# illegal instruction on these VMs, whose CPUID names features they do not run.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF" \
+		$(PY) -m pip install --quiet --find-links ../shared/wheels -e '.[dev]'
 	# lm-eval has no plugin discovery for models: this start-up hook registers `havoc` (see lm_eval_plugin.py).
 	echo 'import importlib.util; importlib.util.find_spec("havoc_eval") and __import__("havoc_eval.lm_eval_plugin")' \
 		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/havoc_lm_eval.pth"
