@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this takes the CPU build on the machine's disk, not a CUDA download.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# llama-cpp-python takes minutes to build here: the shared wheelhouse has it prebuilt when present.
-	# Built from source, it is built portable (AVX2, as that wheel is): -march=native crashed with an
-	# illegal instruction on these VMs, whose CPUID names features they do not run.
+	# Built from source, it is built portable (AVX2, as that wheel is): its default -march=native build
+	# died with an illegal instruction in the tests on this project's machine (cause not established).
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF" \
 		$(PY) -m pip install --quiet --find-links ../shared/wheels -e '.[dev]'
 	# lm-eval has no plugin discovery for models: this start-up hook registers `havoc` (see lm_eval_plugin.py).
