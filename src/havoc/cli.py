@@ -130,7 +130,8 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     from havoc_core.pretrained import load_model_and_tokenizer
     from havoc_eval.perplexity import perplexity, read_texts
 
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype,
+                                                quantize=args.quantize)
     result = perplexity(model, tokenizer, read_texts(args.data, args.text_field), context=args.context,
                         stride=args.stride, batch_size=args.batch_size, show_progress=True)
     text = json.dumps(result, indent=2)
@@ -148,7 +149,8 @@ def _eval_humaneval(args: argparse.Namespace) -> None:
     from havoc_eval.sandbox import Limits
 
     ks = args.k or [k for k in (1, 10, 100) if k <= args.samples_per_task]
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device=args.device, dtype=args.dtype,
+                                                quantize=args.quantize)
     max_tokens = min(args.max_tokens, model.config.max_seq_len // 2)
     if max_tokens < args.max_tokens:
         print(f"note: max_tokens {args.max_tokens} cut to {max_tokens}, half the model's context", file=sys.stderr)
@@ -172,7 +174,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     from havoc_eval.bench import bench, chart, table
 
-    result = bench(args.model, device=args.device, dtype=args.dtype, prefill_tokens=args.prefill_tokens,
+    result = bench(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                   prefill_tokens=args.prefill_tokens,
                    new_tokens=args.new_tokens, decode_batches=tuple(args.decode_batch), train_batch=args.train_batch,
                    train_seq=args.train_seq,
                    repeats=args.repeats)
@@ -188,8 +191,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.checkpoint, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key, slots=args.slots,
-          context=args.context, device=args.device, dtype=args.dtype, compile=args.compile, max_queue=args.max_queue,
-          max_seqs_per_request=args.max_seqs_per_request)
+          context=args.context, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+          max_queue=args.max_queue, max_seqs_per_request=args.max_seqs_per_request)
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,12 +205,31 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of documents held out for validation, chosen by a hash of their text")
 
 
-DTYPE_CHOICES = ["bfloat16", "float16", "float32"]  # havoc_core's DTYPES, without importing torch to parse flags
+# havoc_core's DTYPES and quantize.SCHEMES, without importing torch to parse flags.
+DTYPE_CHOICES = ["bfloat16", "float16", "float32"]
+QUANTIZE_CHOICES = ["int8", "int4"]
 
 
-def _add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+def _add_precision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights and compute dtype (default: bfloat16 on "
-                                                               "cuda, float32 on the cpu)")
+                                                               "cuda, float32 on the cpu; bfloat16 when quantized)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="torchao weight-only quantization of the linear layers at load: int8 per channel, "
+                             "int4 in groups of 32 (a `havoc quantize` folder is quantized already)")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from havoc_core.atomic import atomic_directory
+    from havoc_core.pretrained import load_model_and_tokenizer
+    from havoc_core.quantize import describe
+
+    model, tokenizer = load_model_and_tokenizer(args.src, args.tokenizer, device=args.device, quantize=args.scheme)
+    with atomic_directory(args.dst) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+    kept = describe(model)["bfloat16_layers"]
+    print(f"wrote {args.dst} ({args.scheme}, packed for {args.device}"
+          + (f"; kept in bfloat16, shapes the kernel cannot hold: {', '.join(kept)}" if kept else "") + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: context / 2)")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--device", default="cpu")
-    _add_dtype_argument(ppl)
+    _add_precision_arguments(ppl)
     ppl.add_argument("--json", help="also write the result to this file")
     ppl.set_defaults(func=_eval_perplexity)
 
@@ -302,14 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--allow-unsandboxed", action="store_true",
                     help="where namespaces are not available (not root, no unshare): run with limits only")
     he.add_argument("--device", default="cpu")
-    _add_dtype_argument(he)
+    _add_precision_arguments(he)
     he.add_argument("--json", help="also write the result, every completion and its outcome, to this file")
     he.set_defaults(func=_eval_humaneval)
 
     bench = commands.add_parser("bench", help="prefill, decode and training throughput beside HF transformers")
     bench.add_argument("model", nargs="?", default="small", help="a checkpoint folder or a preset (default: small)")
     bench.add_argument("--device", default="cpu")
-    _add_dtype_argument(bench)
+    _add_precision_arguments(bench)
     bench.add_argument("--prefill-tokens", type=int, default=512)
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--decode-batch", type=int, nargs="+", default=[1], metavar="B",
@@ -331,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV cache rows)")
     serve.add_argument("--context", type=int, help="tokens per slot (default: the model's max_seq_len)")
     serve.add_argument("--device", default="cpu")
-    _add_dtype_argument(serve)
+    _add_precision_arguments(serve)
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
     serve.add_argument("--max-queue", type=int, help="sequences that may wait for a slot; past it, 429 "
                                                      "(default: 4 x slots)")
@@ -339,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="on SIGTERM, seconds running sequences may take to finish before they are ended")
     serve.set_defaults(func=_serve)
+
+    quantize = commands.add_parser("quantize", help="write a model folder with torchao-quantized weights")
+    quantize.add_argument("src", help="a model folder (save_pretrained or `havoc export`)")
+    quantize.add_argument("dst", help="new folder (must not exist or be empty)")
+    quantize.add_argument("--scheme", required=True, choices=QUANTIZE_CHOICES,
+                          help="int8: per output channel; int4: groups of 32 (tinygemm's layout for --device)")
+    quantize.add_argument("--device", default="cpu",
+                          help="where the folder will run: int4 is packed for that device's kernel (default: cpu)")
+    quantize.add_argument("--tokenizer", help="tokenizer folder (default: the one in src)")
+    quantize.set_defaults(func=_quantize)
 
     data = commands.add_parser("data", help="prepare token datasets for training")
     data_commands = data.add_subparsers(dest="action", required=True)

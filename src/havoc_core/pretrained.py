@@ -21,10 +21,12 @@ def load_model_and_tokenizer(
     directory: str | os.PathLike,
     tokenizer: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> tuple[HavocModel, HavocTokenizer]:
-    """The model of `directory` (eval mode) and its tokenizer: `tokenizer`, or the one saved beside it."""
-    model = HavocModel.load_pretrained(directory, device=device, dtype=dtype)
+    """The model of `directory` (eval mode) and its tokenizer: `tokenizer`, or the one saved beside it.
+    `dtype` and `quantize` are HavocModel.load_pretrained's."""
+    model = HavocModel.load_pretrained(directory, device=device, dtype=dtype, quantize=quantize)
     loaded = HavocTokenizer.load(tokenizer or directory)
     check_vocab(model.config, loaded, directory)
     return model, loaded

@@ -20,10 +20,15 @@ from havoc_core.config import HavocConfig
 from havoc_core.interop.hf import hf_config_dict, weight_names
 from havoc_core.model import HavocModel
 from havoc_core.model.transformer import resolve_dtype
+from havoc_core.quantize import check_scheme, quantization_of
+from havoc_core.quantize import quantize as havoc_quantize
 
 
 def _load(model: str, device: str, dtype: torch.dtype) -> HavocModel:
     if Path(model).is_dir():
+        if quantization_of(model):
+            raise ValueError(f"{model} is quantized already; bench its unquantized folder with --quantize, "
+                             "so that HF transformers runs beside it on the same weights")
         return HavocModel.load_pretrained(model, device=device, dtype=dtype)
     # Built on meta and initialised in place: a 7B preset never exists in fp32 on the way.
     with torch.device("meta"):
@@ -70,14 +75,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, prefill_tokens: int = 512,
+def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, quantize: str | None = None,
+          prefill_tokens: int = 512,
           new_tokens: int = 128, decode_batches: tuple[int, ...] = (1,), train_batch: int = 4, train_seq: int = 256,
           repeats: int = 5) -> dict:
     """Run the benchmarks; `model` is a checkpoint folder or a preset name; `train_batch` 0 skips training
-    (7B with AdamW does not fit one GPU)."""
-    torch_dtype = resolve_dtype(dtype, device)
+    (7B with AdamW does not fit one GPU). With `quantize`, HAVOC's weights are quantized after the
+    HF twin (bfloat16) took their values, and training is not run."""
+    torch_dtype = torch.bfloat16 if quantize and dtype in (None, "auto") else resolve_dtype(dtype, device)
+    check_scheme(quantize, torch_dtype)
     ours = _load(model, device, torch_dtype)
     theirs = _hf_twin(ours, torch_dtype)
+    if quantize:
+        havoc_quantize(ours, quantize)
+        train_batch = 0
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefill_ids = torch.randint(3, vocab, (1, prefill_tokens), generator=g).to(device)
@@ -138,7 +149,7 @@ def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, p
         rows.append({"benchmark": f"{name} (tok/s)", "havoc": havoc, "hf": hf, "ratio": havoc / hf})
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{cpu_model()}, {torch.get_num_threads()} threads"
-    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": str(torch_dtype).removeprefix("torch."),
+    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": str(torch_dtype).removeprefix("torch.") + (f", {quantize} weights" if quantize else ""),
             "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
 
 

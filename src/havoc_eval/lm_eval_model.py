@@ -24,6 +24,7 @@ from havoc_inference.sampling import SamplingParams
 @register_model("havoc")
 class HavocLM(LM):
     def __init__(self, pretrained: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None,
+                 quantize: str | None = None,
                  batch_size: int | str = 8, max_length: int | None = None, stride: int | None = None,
                  seed: int = 1234, **kwargs):
         super().__init__()
@@ -31,8 +32,10 @@ class HavocLM(LM):
             if device:  # lm_eval's own default is cuda, also on machines without one
                 warnings.warn(f"device {device!r} is not available; evaluating on the CPU", stacklevel=2)
             device = "cpu"
-        # dtype: bfloat16 on cuda and float32 on the cpu unless `--model_args dtype=...` says otherwise.
-        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device, dtype=dtype)
+        # dtype: bfloat16 on cuda and float32 on the cpu unless `--model_args dtype=...` says otherwise;
+        # `quantize=int8|int4`: torchao weight-only, as `havoc serve --quantize`.
+        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device=device, dtype=dtype,
+                                                              quantize=quantize)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" falls back to 8
         self.max_length = int(max_length or self.model.config.max_seq_len)
         # The same windows as `havoc eval perplexity` by default, so the two agree on the same text.

@@ -160,10 +160,13 @@ class _RowLinear(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if func is F.linear and bias is None and args[0].numel() // args[0].shape[-1] <= ROW_LINEAR_MAX_ROWS:
+        if func is F.linear:
             x, weight = args[0], args[1]
-            return (x.unsqueeze(-2) * weight).sum(-1)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            # Quantized (torchao) weights keep their own kernels.
+            if (bias is None and type(weight) in (torch.Tensor, nn.Parameter)
+                    and x.numel() // x.shape[-1] <= ROW_LINEAR_MAX_ROWS):
+                return (x.unsqueeze(-2) * weight).sum(-1)
         return func(*args, **kwargs)
 
 

@@ -224,8 +224,8 @@ class Server:
     """The app's state: the engine (loaded in the background), the model's name, limits and metrics."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None, model_name: str | None, slots: int,
-                 context: int | None, device: str, dtype: str | None, compile: bool, max_queue: int | None,
-                 max_seqs_per_request: int | None):
+                 context: int | None, device: str, dtype: str | None, quantize: str | None, compile: bool,
+                 max_queue: int | None, max_seqs_per_request: int | None):
         self.model_name = model_name or Path(checkpoint).resolve().name
         self.max_seqs_per_request = max_seqs_per_request or slots
         self.engine: Engine | None = None
@@ -244,7 +244,8 @@ class Server:
 
         def load() -> None:
             try:
-                model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device, dtype=dtype)
+                model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device, dtype=dtype,
+                                                      quantize=quantize)
                 engine = Engine(model, tok, slots=slots, context=context, compile=compile, max_queue=max_queue)
                 engine.start(warm_up=compile)  # /health stays 503 until every batch size is compiled
                 self.engine = engine
@@ -282,12 +283,12 @@ def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, ech
 
 def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
                slots: int = 8, context: int | None = None, device: str = "cpu", dtype: str | None = None,
-               compile: bool = False,
+               quantize: str | None = None, compile: bool = False,
                max_body_bytes: int = MAX_BODY_BYTES, max_queue: int | None = None,
                max_seqs_per_request: int | None = None) -> FastAPI:
     """The ASGI app. `max_queue` bounds the sequences waiting for a slot (default 4 x slots; past it
     requests get 429); `max_seqs_per_request` bounds prompts x n of one request (default: slots)."""
-    server = Server(checkpoint, tokenizer, model_name, slots, context, device, dtype, compile, max_queue,
+    server = Server(checkpoint, tokenizer, model_name, slots, context, device, dtype, quantize, compile, max_queue,
                     max_seqs_per_request)
     app = FastAPI(title="HAVOC", docs_url=None, redoc_url=None)
     app.state.server = server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Callable
@@ -11,9 +12,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from havoc_core import quantize as _quantize
 from havoc_core.config import HavocConfig
 from havoc_core.model.blocks import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
 
@@ -296,42 +299,57 @@ class HavocModel(nn.Module):
     # Save and load.
     def save_pretrained(self, save_directory: str | os.PathLike, use_safetensors: bool = True) -> None:
         """Write config.json and model.safetensors (or pytorch_model.bin); a tied matrix is stored once.
+        A model with torchao-quantized weights (havoc_core.quantize) is written as safetensors with
+        torchao's metadata, plus quantization.json.
 
         Each file is written beside its final name and renamed into place, so an interrupted save
         never leaves a truncated file under the real name.
         """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            name: tensor.detach().contiguous()
-            for name, tensor in self.state_dict().items()
-            if not (self.config.tie_word_embeddings and name == "lm_head.weight")
-        }
-        name = SAFETENSORS_NAME if use_safetensors else PYTORCH_NAME
-        tmp = directory / f".{name}.tmp"
-        if use_safetensors:
-            save_file(state, tmp, metadata={"format": "pt"})
+        tied = self.lm_head.weight is self.embed_tokens.weight
+        state = {name: tensor.detach() for name, tensor in self.state_dict().items()
+                 if not (tied and name == "lm_head.weight")}
+        metadata, recorded = {"format": "pt"}, _quantize.describe(self)
+        if recorded is not None:
+            if not use_safetensors:
+                raise ValueError("a quantized model is saved as safetensors only")
+            state, torchao_metadata = _quantize.flatten(state)
+            metadata.update(torchao_metadata)
+        state = {name: tensor.contiguous() for name, tensor in state.items()}
+        quantization = directory / _quantize.QUANTIZATION_NAME
+        if recorded is not None:
+            _write_into_place(quantization, lambda tmp: tmp.write_text(json.dumps(recorded, indent=2) + "\n"))
         else:
-            torch.save(state, tmp)
-        os.replace(tmp, directory / name)
-        tmp_config = directory / f".{CONFIG_NAME}.tmp"
-        self.config.save(tmp_config)
-        os.replace(tmp_config, directory / CONFIG_NAME)
+            quantization.unlink(missing_ok=True)
+        if use_safetensors:
+            _write_into_place(directory / SAFETENSORS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
+        else:
+            _write_into_place(directory / PYTORCH_NAME, lambda tmp: torch.save(state, tmp))
+        _write_into_place(directory / CONFIG_NAME, self.config.save)
 
     @classmethod
     def load_pretrained(
-        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
     ) -> HavocModel:
         """Load a `save_pretrained` directory; the model comes back in eval mode, as in transformers.
 
         `dtype` (a torch.dtype or its name) defaults to bfloat16 on CUDA and float32 on the CPU,
-        whatever dtype the file holds."""
+        whatever dtype the file holds. `quantize` ("int8" or "int4") quantizes the linear weights
+        with torchao after loading (compute in bfloat16); a folder `havoc quantize` wrote loads
+        quantized as it is."""
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu'")
-        dtype = resolve_dtype(dtype, device)
+        recorded = _quantize.quantization_of(directory)
+        scheme = quantize or (recorded or {}).get("scheme")
+        dtype = torch.bfloat16 if scheme and dtype in (None, "auto") else resolve_dtype(dtype, device)
+        _quantize.check_scheme(scheme, dtype)
+        if recorded is not None:
+            return cls._load_quantized(directory, device, recorded, quantize)
         config = HavocConfig.load(directory / CONFIG_NAME)
         state, weights_file = load_weights(directory, device)
         with torch.device("meta"):
@@ -342,10 +360,48 @@ class HavocModel(nn.Module):
         model.load_state_dict(state, assign=True)
         model.tie_weights()  # assign=True gave the two names separate Parameters
         model.rotary.reset_tables(device)
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype).eval()
+        if scheme is not None:
+            _quantize.quantize(model, scheme)
+        return model
+
+    @classmethod
+    def _load_quantized(cls, directory: Path, device: str | torch.device, recorded: dict,
+                        asked: str | None) -> HavocModel:
+        if asked not in (None, recorded["scheme"]):
+            raise ValueError(f"{directory} holds {recorded['scheme']} weights; it cannot be loaded as {asked}: "
+                             "quantize the unquantized folder instead")
+        if recorded["scheme"] == "int4" and recorded["device"] != torch.device(device).type:
+            raise ValueError(f"{directory} holds int4 weights packed for {recorded['device']}'s kernel, not "
+                             f"{torch.device(device).type}'s: run `havoc quantize` again with --device "
+                             f"{torch.device(device).type}, or load the unquantized folder with --quantize int4")
+        weights_file = directory / SAFETENSORS_NAME
+        try:
+            with safe_open(weights_file, "pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights_file} cannot be read ({e}); it is truncated or corrupted: "
+                             "write it again with `havoc quantize`") from None
+        state = _quantize.unflatten(tensors, metadata, weights_file)
+        config = HavocConfig.load(directory / CONFIG_NAME)
+        with torch.device("meta"):
+            model = cls(config)
+            model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))  # quantized on its own
+        check_state_dict(model, state, weights_file)
+        model.load_state_dict(state, assign=True)
+        model.rotary.reset_tables(device)
+        return model.eval()
 
 
 SigmaModel = HavocModel
+
+
+def _write_into_place(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary sibling of `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
