@@ -1,9 +1,11 @@
 """CPU decode and prefill: HAVOC's engine beside llama.cpp (llama-cpp-python) on the same weights.
 
 havoc_small shape, random init (seed 0), exported with `havoc convert havoc-to-gguf`; batch 1 greedy
-decode of 128 tokens after a 16-token prompt, and a 512-token prefill. Each row is also given as a
-fraction of its floor: the bytes of weights one decode token reads over the machine's read
-bandwidth, measured here. Medians of alternating runs.
+decode of 128 tokens after a 16-token prompt, and a 512-token prefill, at every precision: HAVOC in
+fp32, bf16 and torchao int8 / int4 weights (`--quantize`), llama.cpp in f32, f16, q8_0 and q4_0.
+Each row is also given as a fraction of its floor: the bytes of weights one decode token reads over
+the machine's read bandwidth, measured here. HAVOC's engine also decodes 8 streams at once (batch 8;
+llama-cpp-python's API runs one sequence). Medians of alternating runs.
 
     .venv/bin/python benchmarks/bench_llama_cpp.py [--repeats 5]
 """
@@ -30,7 +32,9 @@ from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 
 NEW, PREFILL = 128, 512
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # Q8_0: 32 int8 + an f16 scale
+# Q8_0: 32 int8 + an f16 scale; Q4_0: 32 nibbles + an f16 scale; torchao int4: a bf16 scale and zero per 32.
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "int8": 1.0,
+                    "int4": 20 / 32}
 
 
 def read_bandwidth() -> float:
@@ -72,21 +76,27 @@ def main() -> None:
     bandwidth = read_bandwidth()
 
     systems: dict[str, tuple] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        ours = HavocModel.load_pretrained(tmp / "model", dtype=dtype)
+    batch8 = {}
+    prompts8 = [tokenizer.encode(text)[:16] for text in ("import os\n", "class Stack:\n", "def main():\n",
+                "from typing import", "# Copyright", "while True:\n", "try:\n    x = ", "if __name__ ==")]
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    for name, dtype, scheme in (("fp32", "float32", None), ("bf16", "bfloat16", None), ("int8", None, "int8"),
+                                ("int4", None, "int4")):
+        ours = HavocModel.load_pretrained(tmp / "model", dtype=dtype, quantize=scheme)
         engine = Engine(ours, tokenizer, slots=1, context=PREFILL + 1, compile=True)
-        params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
-        name = "fp32" if dtype == torch.float32 else "bf16"
+        engine8 = Engine(ours, tokenizer, slots=8, context=PREFILL + 1, compile=True)
 
-        def decode(engine=engine, params=params):
+        def decode(engine=engine):
             return engine.generate(prompt, params)[0].tokens
 
         def prefill(ours=ours):
             with torch.inference_mode():
                 ours(prefill_ids, logits_to_keep=1)
 
-        systems[f"HAVOC engine, {name}, compiled"] = (decode, prefill, BYTES_PER_WEIGHT["f32" if name == "fp32" else "bf16"])
-    for kind in ("f32", "f16", "q8_0"):
+        label = f"HAVOC engine, {name}" + (" (torchao, bf16 compute)" if scheme else "") + ", compiled"
+        systems[label] = (decode, prefill, BYTES_PER_WEIGHT["f32" if name == "fp32" else name])
+        batch8[label] = lambda engine8=engine8: engine8.complete(prompts8, params)
+    for kind in ("f32", "f16", "q8_0", "q4_0"):
         llm = llama_cpp.Llama(str(havoc_to_gguf(tmp / "model", tmp / f"m-{kind}.gguf", kind)), n_ctx=PREFILL + NEW + 32,
                               n_batch=PREFILL, n_threads=torch.get_num_threads(), verbose=False)
 
@@ -101,11 +111,15 @@ def main() -> None:
 
     reference = systems["HAVOC engine, fp32, compiled"][0]()
     agreement = {name: np.mean(np.array(fns[0]()) == np.array(reference)) for name, fns in systems.items()}
-    times = {name: {"decode": [], "prefill": []} for name in systems}
+    for fn in batch8.values():  # compiles each batch size the 8 streams pass through
+        fn()
+    times = {name: {"decode": [], "prefill": [], "batch 8": []} for name in systems}
     for i in range(args.repeats):
         for name in list(systems)[:: 1 if i % 2 == 0 else -1]:
             decode, prefill, _ = systems[name]
-            for what, fn in (("decode", decode), ("prefill", prefill)):
+            for what, fn in (("decode", decode), ("prefill", prefill), ("batch 8", batch8.get(name))):
+                if fn is None:
+                    continue
                 start = time.perf_counter()
                 fn()
                 times[name][what].append(time.perf_counter() - start)
@@ -114,13 +128,14 @@ def main() -> None:
     for name, (_, _, per_weight) in systems.items():
         decode_tps = NEW / statistics.median(times[name]["decode"])
         floor = bandwidth / (matrices * per_weight)
-        rows.append((name, f"{decode_tps:,.0f}", f"{decode_tps / floor:.0%}", f"{base / decode_tps:.2f}x",
+        batch = f"{8 * NEW / statistics.median(times[name]['batch 8']):,.0f}" if times[name]["batch 8"] else "-"
+        rows.append((name, f"{decode_tps:,.0f}", f"{decode_tps / floor:.0%}", f"{base / decode_tps:.2f}x", batch,
                      f"{PREFILL / statistics.median(times[name]['prefill']):,.0f}", f"{agreement[name]:.0%}"))
     print(f"# {date.today()} | {cpu_model()}, {torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s | havoc_small ({model.num_parameters() / 1e6:.1f}M parameters) | "
           f"medians of {args.repeats}")
     print(markdown_table(["system", "decode b=1 (tok/s)", "of the bandwidth floor", "HAVOC fp32 / it",
-                          "prefill 1x512 (tok/s)", "greedy tokens = HAVOC fp32"], rows))
+                          "decode b=8 (tok/s)", "prefill 1x512 (tok/s)", "greedy tokens = HAVOC fp32"], rows))
 
 
 if __name__ == "__main__":

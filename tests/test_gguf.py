@@ -29,7 +29,7 @@ HOSTILE = [
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tokenizer):
     """A tiny model with peaked logits (a larger init std), so greedy choices are clear margins, not
-    ties that f16 rounding could flip; its MLP width is a multiple of 32, as Q8_0 needs."""
+    ties that f16 rounding could flip; its MLP width is a multiple of 32, as Q8_0 and Q4_0 need."""
     torch.manual_seed(0)
     config = dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size, max_seq_len=256,
                                  initializer_range=0.1)
@@ -43,7 +43,7 @@ def folder(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def exported(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf-files")
-    return {kind: havoc_to_gguf(folder, out / f"model-{kind}.gguf", kind) for kind in ("f32", "f16", "bf16", "q8_0")}
+    return {kind: havoc_to_gguf(folder, out / f"model-{kind}.gguf", kind) for kind in ("f32", "f16", "bf16", "q8_0", "q4_0")}
 
 
 def _llama(path):
@@ -104,6 +104,7 @@ def test_logits_and_greedy_tokens_match(exported, folder, tokenizer):
     assert identical["f32"] and identical["f16"], identical
     assert agreement["f32"] == agreement["f16"] == 1.0, agreement
     assert agreement["bf16"] >= 0.95 and agreement["q8_0"] >= 0.95, agreement
+    assert agreement["q4_0"] >= 0.6, agreement  # 4 bits on a tiny model: 70% measured; a wrong file gives ~0
 
 
 def test_llama_cpp_formats_chats_with_the_embedded_template(exported, tokenizer):

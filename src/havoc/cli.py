@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      ".gguf file")
     convert.add_argument("--tokenizer", help="havoc-to-hf, havoc-to-gguf: the tokenizer to write with the model "
                                              "(default: the one in src)")
-    convert.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+    convert.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
                          help="havoc-to-gguf: the weights' type in the GGUF file (default: f16; norms stay f32)")
     convert.set_defaults(func=_convert)
 

@@ -20,8 +20,8 @@ from havoc_core.pretrained import check_vocab
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_core.tokenizer.tokenizer import CHAT_TEMPLATE, END, SPECIAL_TOKENS, TOKENIZER_FILE
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-Q8_0_BLOCK = 32  # Q8_0 stores rows in blocks of 32 values, each with its own scale
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCK = 32  # Q8_0 and Q4_0 store rows in blocks of 32 values, each with its own scale
 
 _LAYER_NAMES = {
     "attn_norm.weight": "attn_norm.weight", "attn.wq.weight": "attn_q.weight", "attn.wk.weight": "attn_k.weight",
@@ -48,7 +48,7 @@ def to_llama_cpp_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def havoc_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, type: str = "f16",
                   tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write HAVOC model folder `src` as the GGUF file `dst` of weight type `type` (f32, f16, bf16, q8_0;
+    """Write HAVOC model folder `src` as the GGUF file `dst` of weight type `type` (f32, f16, bf16, q8_0, q4_0;
     norms stay f32, as llama.cpp keeps them). The tokenizer is `tokenizer` or the one beside `src`."""
     import gguf
 
@@ -65,11 +65,11 @@ def havoc_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, type: str = "f
     check_vocab(config, HavocTokenizer.load(tokenizer_dir), src)
     state, _ = load_weights(src)
     names = gguf_names(config)
-    if type == "q8_0":
+    if type in ("q8_0", "q4_0"):
         odd = [(name, tuple(state[name].shape)) for name in names
-               if state[name].dim() == 2 and state[name].shape[1] % Q8_0_BLOCK]
+               if state[name].dim() == 2 and state[name].shape[1] % BLOCK]
         if odd:
-            raise ValueError(f"q8_0 needs rows of a multiple of {Q8_0_BLOCK} values; {odd[0][0]} has shape "
+            raise ValueError(f"{type} needs rows of a multiple of {BLOCK} values; {odd[0][0]} has shape "
                              f"{odd[0][1]} ({len(odd)} such tensors): export as f16 or f32 instead")
 
     tmp = dst.with_name(f".{dst.name}.partial")
@@ -96,7 +96,8 @@ def havoc_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, type: str = "f
 
 def _write_model_keys(writer, gguf, config: HavocConfig, type: str, name: str) -> None:
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     writer.add_name(name)
     writer.add_file_type(file_types[type])
     writer.add_vocab_size(config.vocab_size)
@@ -145,5 +146,6 @@ def _add_tensor(writer, gguf, name: str, data: np.ndarray, type: str) -> None:
     elif type == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[type]
+        qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+                 "q4_0": gguf.GGMLQuantizationType.Q4_0}[type]
         writer.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
