@@ -107,6 +107,8 @@ def markdown(result: dict) -> str:
                                             [(c["test"], c["status"] + (f": {c['message']}" if c["message"] else ""),
                                               f"{c['seconds']:.1f}") for c in tests]), ""]
     lines += ["## Inference beside HF transformers", "", "```", table(result["bench"]), "```", ""]
+    for scheme, quantized in result["quantized"].items():
+        lines += [f"## {scheme} weights (torchao) beside HF transformers in bf16", "", "```", table(quantized), "```", ""]
     train = result["train"]
     mfu = f"{train['mfu']:.1%}" if train["mfu"] is not None else "n/a (unknown peak)"
     lines += ["## Training throughput", "", markdown_table(
@@ -156,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     print("1/3 tests marked cuda ...", flush=True)
     result["tests"] = run_tests(device, out)
     print("2/3 inference beside HF ...", flush=True)
-    result["bench"] = bench("tiny" if small else "7b", device=device, dtype="bfloat16",
-                            prefill_tokens=32 if small else 2048, new_tokens=8 if small else 128,
-                            decode_batches=(1, 8), train_batch=0, repeats=1 if small else 3)
+    shapes = dict(prefill_tokens=32 if small else 2048, new_tokens=8 if small else 128, decode_batches=(1, 8),
+                  train_batch=0, repeats=1 if small else 3)
+    result["bench"] = bench("tiny" if small else "7b", device=device, dtype="bfloat16", **shapes)
+    # torchao's int8 and int4 weights on the device (HF beside them in bf16): the CUDA kernels' path.
+    result["quantized"] = {scheme: bench("tiny" if small else "7b", device=device, quantize=scheme, **shapes)
+                           for scheme in ("int8", "int4")}
     print("3/3 training throughput ...", flush=True)
     result["train"] = train_throughput("tiny" if small else "1b", device, micro_batch=2 if small else 4,
                                        seq_len=64 if small else 2048, steps=2 if small else 10, compile=not small)

@@ -152,3 +152,26 @@ def test_hf_parity_in_bf16(model, tokenizer):
     with torch.inference_mode():
         diff = (model(ids).logits.float() - theirs(ids).logits.float()).abs()
     assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_weights_decode_compiled_on_the_device(model, tokenizer, tmp_path, scheme):
+    """torchao's int8 / int4 kernels of the device (int4: tinygemm's CUDA layout on a GPU), under the
+    engine's compiled step: the same greedy tokens as the quantized model's own generate, and a
+    `havoc quantize`-style folder that loads back with equal logits."""
+    from havoc_core.quantize import describe, quantize
+
+    quantized = HavocModel(model.config).to(DEVICE, torch.bfloat16).eval()
+    quantized.load_state_dict(model.state_dict())
+    quantize(quantized, scheme)
+    assert describe(quantized)["device"] == DEVICE
+    prompt = tokenizer.encode("def f(x):\n    return")
+    expected = quantized.generate([prompt], max_new_tokens=24, eos_token_id=None)[0, len(prompt):].tolist()
+    engine = Engine(quantized, tokenizer, slots=2, compile=True)
+    engine.warm_up()
+    assert engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].tokens == expected
+    quantized.save_pretrained(tmp_path / "q")
+    loaded = HavocModel.load_pretrained(tmp_path / "q", device=DEVICE)
+    ids = torch.tensor([prompt], device=DEVICE)
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, quantized(ids).logits)

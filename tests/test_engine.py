@@ -284,3 +284,14 @@ def test_long_prompts_are_prefilled_in_chunks_without_stalling_running_streams(m
     # The cache holds slots x (context + 1) positions, fixed when the engine starts.
     assert engine.caches[0][0].shape == (2, model.config.attention.num_kv_heads, engine.context + 1,
                                          model.config.head_dim)
+
+
+def test_several_compiled_engines_in_one_process(tokenizer):
+    """Each engine compiles a graph per batch size into the one code object of its step, which dynamo
+    caps at 8 graphs by default: three 4-slot engines (3 sizes each) are 9."""
+    config = dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=tokenizer.vocab_size)
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        engine = Engine(HavocModel(config).to(dtype).eval(), tokenizer, slots=4, context=32, compile=True)
+        engine.warm_up()
+        done = engine.complete([[5, 6]] * 4, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        assert [len(c.tokens) for c in done] == [2] * 4

@@ -34,10 +34,14 @@ def test_dry_run_on_the_cpu_runs_every_part(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     statuses = {case["test"]: case["status"] for case in result["tests"]["cases"]}
-    assert len(statuses) == 6 and set(statuses.values()) == {"passed"}, statuses
+    assert len(statuses) == 8 and set(statuses.values()) == {"passed"}, statuses
     assert [row["benchmark"] for row in result["bench"]["rows"]] == [
         "prefill 1x32 (tok/s)", "decode b=1, 8 new (tok/s)", "decode b=8, 8 new (tok/s)"]
     assert all(row["havoc"] > 0 and row["hf"] > 0 for row in result["bench"]["rows"])
+    for scheme in ("int8", "int4"):
+        quantized = result["quantized"][scheme]
+        assert quantized["dtype"] == f"bfloat16, {scheme} weights" and len(quantized["rows"]) == 3
     assert result["train"]["tokens_per_s"] > 0 and result["train"]["mfu"] is None  # no known peak on a CPU
     table = (tmp_path / "out" / "gpu-check.md").read_text()
-    assert "## Tests marked cuda: 6 passed, 0 failed, 0 skipped" in table and "| tiny |" in table
+    assert "## Tests marked cuda: 8 passed, 0 failed, 0 skipped" in table
+    assert "## int4 weights (torchao) beside HF transformers in bf16" in table and "| tiny |" in table

@@ -146,6 +146,8 @@ class _Decoder(nn.Module):
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
 
+RECOMPILE_LIMIT = 256  # graphs of the compiled step: one per batch size and engine
+
 # Up to this many rows the multiply-and-sum form wins; at 16 rows the BLAS call does (578 vs 440 tok/s measured).
 ROW_LINEAR_MAX_ROWS = 4
 
@@ -185,6 +187,10 @@ class Engine:
         self.decoder = _Decoder(model, slots, self.context)
         self.decode_step = self.decoder
         # dynamic=False: each batch size is its own fixed-shape graph, compiled once at warm-up.
+        if compile:
+            # Engines in one process (other models, dtypes, quantizations) share the step's code
+            # object, whose graphs dynamo caps at 8 by default: a fourth 8-slot engine would fail.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if compile and self.device.type == "cuda":
             # CUDA graphs: one recording per batch size at warm-up, then replays.
             self.decode_step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True, dynamic=False)
