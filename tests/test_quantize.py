@@ -151,6 +151,11 @@ def test_bad_input_is_a_clear_error(folder, tmp_path):
     HavocModel.load_pretrained(folder, quantize="int4").save_pretrained(out)
     with pytest.raises(ValueError, match="holds int4 weights; it cannot be loaded as int8"):
         HavocModel.load_pretrained(out, quantize="int8")
+    for direction, dst in (("havoc-to-hf", tmp_path / "hf"), ("havoc-to-gguf", tmp_path / "q.gguf")):
+        run = subprocess.run([sys.executable, "-m", "havoc.cli", "convert", direction, str(out), str(dst),
+                              "--tokenizer", str(folder)],
+                             capture_output=True, text=True)
+        assert run.returncode == 1 and "holds torchao-quantized weights" in run.stderr and not dst.exists()
     recorded = json.loads((out / "quantization.json").read_text())
     (out / "quantization.json").write_text(json.dumps({**recorded, "device": "cuda"}))
     with pytest.raises(ValueError, match="packed for cuda's kernel, not cpu's: run `havoc quantize` again"):

@@ -2,9 +2,10 @@
 
 The linear layers' weights become torchao tensors whose matmuls run torchao's kernels (aten's
 `_weight_int8pack_mm`, and tinygemm's int4 kernel for the CPU or CUDA); activations, norms, the
-embedding lookup and the KV cache stay in bfloat16. `save_quantized` writes such a model as
-safetensors through torchao's own flattening (tensors plus JSON metadata, nothing unpickled), so
-a quantized folder loads without quantizing again.
+embedding lookup and the KV cache stay in bfloat16. `HavocModel.save_pretrained` writes such a
+model as safetensors through torchao's own flattening (`flatten`: tensors plus JSON metadata,
+nothing unpickled) and quantization.json (`describe`), so a quantized folder loads without
+quantizing again.
 """
 
 from __future__ import annotations
@@ -71,19 +72,16 @@ def _config(scheme: str, device: torch.device):
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, scheme: str) -> list[str]:
-    """Quantize `model`'s linear weights in place (a bfloat16 model); returns the layers left in
-    bfloat16 because the kernel cannot hold their shape. A tied LM head gets a quantized copy of
-    its own: the embedding lookup keeps the bfloat16 matrix."""
+def quantize(model: nn.Module, scheme: str) -> None:
+    """Quantize `model`'s linear weights in place (a bfloat16 model); layers the kernel cannot hold
+    stay bfloat16 (`describe` lists them). A tied LM head gets a quantized copy of its own: the
+    embedding lookup keeps the bfloat16 matrix."""
     weight = model.embed_tokens.weight
     check_scheme(scheme, weight.dtype)
     if model.lm_head.weight is weight:
         model.lm_head.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-    skipped = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not quantizable(module, scheme)]
     _torchao().quantization.quantize_(model, _config(scheme, weight.device),
                                       filter_fn=lambda module, _: quantizable(module, scheme))
-    return skipped
 
 
 _SCHEME_OF = {"Int8Tensor": "int8", "Int4OpaqueTensor": "int4", "Int4TilePackedTo4dTensor": "int4"}

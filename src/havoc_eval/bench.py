@@ -82,7 +82,7 @@ def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, q
     """Run the benchmarks; `model` is a checkpoint folder or a preset name; `train_batch` 0 skips training
     (7B with AdamW does not fit one GPU). With `quantize`, HAVOC's weights are quantized after the
     HF twin (bfloat16) took their values, and training is not run."""
-    torch_dtype = torch.bfloat16 if quantize and dtype in (None, "auto") else resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, quantize)
     check_scheme(quantize, torch_dtype)
     ours = _load(model, device, torch_dtype)
     theirs = _hf_twin(ours, torch_dtype)
@@ -149,7 +149,8 @@ def bench(model: str = "small", device: str = "cpu", dtype: str | None = None, q
         rows.append({"benchmark": f"{name} (tok/s)", "havoc": havoc, "hf": hf, "ratio": havoc / hf})
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{cpu_model()}, {torch.get_num_threads()} threads"
-    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": str(torch_dtype).removeprefix("torch.") + (f", {quantize} weights" if quantize else ""),
+    precision = str(torch_dtype).removeprefix("torch.") + (f", {quantize} weights" if quantize else "")
+    return {"date": str(date.today()), "machine": machine, "model": model, "dtype": precision,
             "parameters": ours.num_parameters(), "repeats": repeats, "rows": rows}
 
 

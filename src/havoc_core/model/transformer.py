@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from havoc_core import quantize as _quantize
@@ -346,7 +346,7 @@ class HavocModel(nn.Module):
             raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu'")
         recorded = _quantize.quantization_of(directory)
         scheme = quantize or (recorded or {}).get("scheme")
-        dtype = torch.bfloat16 if scheme and dtype in (None, "auto") else resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device, scheme)
         _quantize.check_scheme(scheme, dtype)
         if recorded is not None:
             return cls._load_quantized(directory, device, recorded, quantize)
@@ -376,14 +376,7 @@ class HavocModel(nn.Module):
                              f"{torch.device(device).type}'s: run `havoc quantize` again with --device "
                              f"{torch.device(device).type}, or load the unquantized folder with --quantize int4")
         weights_file = directory / SAFETENSORS_NAME
-        try:
-            with safe_open(weights_file, "pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights_file} cannot be read ({e}); it is truncated or corrupted: "
-                             "write it again with `havoc quantize`") from None
-        state = _quantize.unflatten(tensors, metadata, weights_file)
+        state = _quantize.unflatten(*_read_safetensors(weights_file, device), weights_file)
         config = HavocConfig.load(directory / CONFIG_NAME)
         with torch.device("meta"):
             model = cls(config)
@@ -396,21 +389,16 @@ class HavocModel(nn.Module):
 
 SigmaModel = HavocModel
 
-
-def _write_into_place(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` a temporary sibling of `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device,
+                  quantize: str | None = None) -> torch.dtype:
     """A dtype or its name ("bfloat16", "float16", "float32"); None or "auto" is bfloat16 on CUDA
-    (tensor cores, half the memory of fp32) and float32 on the CPU."""
+    (tensor cores, half the memory of fp32) and float32 on the CPU, and bfloat16 for quantized
+    weights (`quantize` a scheme) wherever they run."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if quantize or torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
@@ -421,15 +409,13 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -
 
 
 def load_weights(directory: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], Path]:
-    """The tensors of a checkpoint directory: safetensors first, else a weights-only torch file."""
+    """The plain tensors of a checkpoint directory: safetensors first, else a weights-only torch file."""
+    if (directory / _quantize.QUANTIZATION_NAME).exists():
+        raise ValueError(f"{directory} holds torchao-quantized weights, which only HavocModel.load_pretrained "
+                         "reads: convert or export the unquantized folder it was made from")
     safetensors_file, pytorch_file = directory / SAFETENSORS_NAME, directory / PYTORCH_NAME
     if safetensors_file.exists():
-        try:
-            return load_file(safetensors_file, device=str(device)), safetensors_file
-        except (SafetensorError, OSError) as e:
-            raise ValueError(
-                f"{safetensors_file} cannot be read ({e}); it is truncated or corrupted: save it again"
-            ) from None
+        return _read_safetensors(safetensors_file, device)[0], safetensors_file
     if pytorch_file.exists():
         try:
             state = torch.load(pytorch_file, map_location=device, weights_only=True)
@@ -444,6 +430,22 @@ def load_weights(directory: Path, device: str | torch.device = "cpu") -> tuple[d
             raise ValueError(f"{pytorch_file} does not hold a dict of tensors")
         return state, pytorch_file
     raise FileNotFoundError(f"{directory} has no {SAFETENSORS_NAME} or {PYTORCH_NAME}")
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata."""
+    try:
+        with safe_open(path, "pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); it is truncated or corrupted: save it again") from None
+
+
+def _write_into_place(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary sibling of `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
