@@ -76,7 +76,7 @@ def test_finetune_from_a_bf16_folder_keeps_fp32_master_weights(config, tmp_path,
 
 
 def test_engine_greedy_equals_generate_and_sampling_works(model, tokenizer):
-    engine = Engine(model, tokenizer, slots=4, prefill_chunk=16)
+    engine = Engine(model, tokenizer, slots=4, step_tokens=16)
     assert engine.caches[0][0].device.type == DEVICE and engine.caches[0][0].dtype == torch.bfloat16
     prompts = [tokenizer.encode("def f(x):\n    return"), tokenizer.encode("import os\n" * 4)]
     for prompt in prompts:

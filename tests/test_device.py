@@ -15,7 +15,7 @@ import havoc_inference.engine as engine_module
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_inference.engine import Engine
-from havoc_inference.sampling import SamplingParams, draw
+from havoc_inference.sampling import SamplingParams, choose
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -67,23 +67,26 @@ def test_no_hard_coded_devices_in_src():
     assert found == ALLOWED, sorted(found ^ ALLOWED)
 
 
-def test_a_draw_is_torch_multinomials_draw():
+def test_a_draw_is_torch_multinomials_draw_whatever_the_other_rows():
     probs = torch.randn(50, 300).softmax(-1)
-    for seed in range(50):
-        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        assert int(draw(probs[seed], ours)) == int(torch.multinomial(probs[seed], 1, generator=theirs))
+    params = [SamplingParams(temperature=0 if i % 7 == 3 else 1.0) for i in range(50)]  # some greedy rows
+    ours = [torch.Generator().manual_seed(seed) for seed in range(50)]
+    tokens, ok = choose(probs.log(), params, ours).tolist()
+    for seed, (p, token) in enumerate(zip(params, tokens)):
+        theirs = torch.Generator().manual_seed(seed)
+        expected = probs[seed].argmax() if p.greedy else torch.multinomial(probs[seed], 1, generator=theirs)
+        assert token == int(expected)
+    assert all(ok)
 
 
 def test_seeded_tokens_equal_the_multinomial_path(model, tokenizer, monkeypatch):
     params = SamplingParams(max_tokens=30, temperature=1.2, top_k=50, top_p=0.9, seed=42, ignore_eos=True)
     prompt = tokenizer.encode("def main():")
     now = Engine(model, tokenizer, slots=2).generate(prompt, params, n=2)
-    real = engine_module.choose
 
-    def multinomial(logits, params, generator):  # the engine's sampling before it moved to the device
-        if params.greedy:
-            return real(logits, params, generator)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[0]
+    def multinomial(logits, params, generators):  # the engine's sampling before it moved to the device
+        tokens = [torch.multinomial(row.softmax(-1), 1, generator=g)[0] for row, g in zip(logits, generators)]
+        return torch.stack((torch.stack(tokens), torch.ones(len(tokens), dtype=torch.long)))
 
     monkeypatch.setattr(engine_module, "choose", multinomial)
     before = Engine(model, tokenizer, slots=2).generate(prompt, params, n=2)
@@ -111,13 +114,13 @@ def test_a_decode_step_copies_to_the_host_once_for_all_rows(model, tokenizer):
                              ignore_eos=True)
     sequences = engine.submit([tokenizer.encode("x = 1")], sampled, n=6)
     sequences += engine.submit([tokenizer.encode("y")], dataclasses.replace(sampled, temperature=0), n=2)
-    while any(s.prefilled < len(s.prompt_ids) or not s.output_ids for s in sequences):
+    while any(s.prefilling or not s.output_ids for s in sequences):
         engine.step()
     decoding = [s for s in sequences if s.finish_reason is None]
     before = [len(s.output_ids) for s in decoding]
     assert len(decoding) == 8
     with _HostTransfers() as transfers:
-        engine._decode(decoding)
+        engine._decode(engine._make_room(decoding))
     assert transfers.count == 1  # before: one int(...) per row (8)
     assert [len(s.output_ids) for s in decoding] == [n + 1 for n in before]
 
@@ -126,13 +129,14 @@ def test_nan_logits_fail_only_their_own_request(model, tokenizer, monkeypatch):
     engine = Engine(model, tokenizer, slots=2)
     innocent, = engine.submit([tokenizer.encode("a")], SamplingParams(max_tokens=6, seed=1, ignore_eos=True))
     guilty, = engine.submit([tokenizer.encode("b")], SamplingParams(max_tokens=6, seed=2, ignore_eos=True))
-    real = engine_module.process_logits
+    real = engine_module.process
 
-    def poisoned(logits, params, *args):
-        out = real(logits, params, *args)
-        return out.fill_(float("nan")) if params.seed == 2 else out
+    def poisoned(logits, params, histories):
+        out = real(logits, params, histories)
+        out[[i for i, p in enumerate(params) if p.seed == 2]] = float("nan")
+        return out
 
-    monkeypatch.setattr(engine_module, "process_logits", poisoned)
+    monkeypatch.setattr(engine_module, "process", poisoned)
     while innocent.finish_reason is None or guilty.finish_reason is None:
         engine.step()
     assert engine._collect(innocent).finish_reason == "length"
@@ -142,7 +146,8 @@ def test_nan_logits_fail_only_their_own_request(model, tokenizer, monkeypatch):
 
 def test_the_compiled_decode_step_mutates_only_buffers_and_is_not_recompiled(model, tokenizer, monkeypatch):
     """CUDA-graph trees replay a graph only if every tensor it mutates has a static address (a
-    parameter or buffer): here the only inputs that are not are the step's tokens and positions.
+    parameter or buffer): here the only inputs that are not are the step's tokens, positions and
+    block tables.
     The engine's own torch.compile call, with a backend that records what dynamo hands it."""
     graphs = []
 
@@ -156,7 +161,8 @@ def test_the_compiled_decode_step_mutates_only_buffers_and_is_not_recompiled(mod
     engine = Engine(model, tokenizer, slots=4, compile=True)
     monkeypatch.setattr(torch, "compile", real_compile)
     engine.warm_up()
-    assert [g for g in graphs] == [[(rows, 1), (rows, 1)] for rows in (1, 2, 4)]
+    # The tokens, positions and block tables; the tables' width is dynamic: one graph per batch size.
+    assert graphs == [[(rows, 1), (rows, 1), (rows, engine.max_blocks)] for rows in (1, 2, 4)]
     before = len(graphs)
     greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     out = engine.complete([tokenizer.encode("for i in range(3):"), tokenizer.encode("import")], greedy, n=2)
@@ -183,7 +189,7 @@ def test_the_engine_runs_in_bf16_on_the_cpu(model, tokenizer):
     bf16.load_state_dict(model.state_dict())
     bf16.to(torch.bfloat16)
     prompt = tokenizer.encode("class Stack:\n    def push(self, x):")
-    engine = Engine(bf16, tokenizer, slots=2, prefill_chunk=5)
+    engine = Engine(bf16, tokenizer, slots=2, step_tokens=5)
     assert engine.caches[0][0].dtype == torch.bfloat16
     out, = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     expected = bf16.generate([prompt], max_new_tokens=24, eos_token_id=None)[0, len(prompt):].tolist()

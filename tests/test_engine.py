@@ -9,7 +9,7 @@ import torch
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_inference.engine import ContextTooLong, Draining, Engine, QueueFull
-from havoc_inference.sampling import InvalidParameter, SamplingParams, process_logits
+from havoc_inference.sampling import InvalidParameter, SamplingParams, process
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _greedy(n, **kw):
 @pytest.mark.parametrize("compile", [False, True])
 def test_greedy_equals_model_generate(model, tokenizer, compile):
     prompts = [tokenizer.encode("def f(x):\n    return"), tokenizer.encode("import os, sys\n" * 5)]
-    engine = Engine(model, tokenizer, slots=2, prefill_chunk=7, compile=compile)
+    engine = Engine(model, tokenizer, slots=2, step_tokens=7, compile=compile)
     for prompt in prompts:
         expected = model.generate([prompt], max_new_tokens=64, eos_token_id=None)[0, len(prompt):].tolist()
         completion, = engine.generate(prompt, _greedy(64))
@@ -37,7 +37,7 @@ def test_greedy_equals_model_generate(model, tokenizer, compile):
 def test_concurrent_sequences_do_not_disturb_each_other(model, tokenizer):
     prompts = [tokenizer.encode(f"value_{i} = {i} * x") for i in range(6)]
     alone = [Engine(model, tokenizer, slots=1).generate(p, _greedy(20))[0].tokens for p in prompts]
-    engine = Engine(model, tokenizer, slots=4, prefill_chunk=3)  # 6 requests, 4 slots: some wait, all interleave
+    engine = Engine(model, tokenizer, slots=4, step_tokens=3)  # 6 requests, 4 slots: some wait, all interleave
     sequences = [engine.submit([p], _greedy(20))[0] for p in prompts]
     while any(s.finish_reason is None for s in sequences):
         engine.step()
@@ -114,16 +114,22 @@ def test_logprobs_and_prompt_logprobs(model, tokenizer):
     assert all(len(e.top) == 3 and e.top[0][0] == e.token for e in completion.logprobs)  # greedy = the best
 
 
-def test_penalties_and_min_p():
-    logits = torch.tensor([2.0, 1.0, -1.0, 0.5])
-    out = process_logits(logits.clone(), SamplingParams(repetition_penalty=2.0, temperature=0), [0], {2: 1})
-    assert out.tolist() == [1.0, 1.0, -2.0, 0.5]
-    out = process_logits(logits.clone(), SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, temperature=0),
-                         [], {0: 2})
-    assert out[0].item() == pytest.approx(2.0 - 2 * 0.5 - 1.0)
-    probs = logits.softmax(-1)
-    out = process_logits(logits.clone(), SamplingParams(min_p=0.3, temperature=1.0), [], {})
-    assert torch.isinf(out[probs < 0.3 * probs.max()]).all() and torch.isfinite(out[probs >= 0.3 * probs.max()]).all()
+def test_penalties_top_k_and_min_p_apply_to_their_own_row_only():
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.5]).repeat(5, 1)
+    params = [SamplingParams(repetition_penalty=2.0, temperature=0),
+              SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, temperature=0),
+              SamplingParams(min_p=0.3, temperature=1.0),
+              SamplingParams(top_k=2, temperature=0.5),
+              SamplingParams(temperature=1.0)]
+    histories = [({0}, {2: 1}), (set(), {0: 2}), (set(), {}), ({1}, {1: 3}), (set(), {})]
+    out = process(logits.clone(), params, histories)
+    assert out[0].tolist() == [1.0, 1.0, -2.0, 0.5]
+    assert out[1].tolist() == [2.0 - 2 * 0.5 - 1.0, 1.0, -1.0, 0.5]
+    probs = logits[2].softmax(-1)
+    assert torch.isinf(out[2][probs < 0.3 * probs.max()]).all() and torch.equal(out[2][probs >= 0.3 * probs.max()],
+                                                                              logits[2][probs >= 0.3 * probs.max()])
+    assert out[3].tolist() == [4.0, 2.0, float("-inf"), float("-inf")]
+    assert torch.equal(out[4], logits[4])
 
 
 def test_bad_requests(model, tokenizer):
@@ -180,10 +186,10 @@ def test_a_failure_ends_only_the_request_that_caused_it(model, tokenizer, monkey
     guilty = engine.submit([tokenizer.encode("b = 2")], _greedy(12, seed=3), n=2)  # n=2: both must end
     real = engine_module.choose
 
-    def choose(logits, params, generator):
-        if params.seed == 3:
+    def choose(logits, params, generators):
+        if any(p.seed == 3 for p in params):
             raise RuntimeError("simulated sampling failure")
-        return real(logits, params, generator)
+        return real(logits, params, generators)
 
     monkeypatch.setattr(engine_module, "choose", choose)
     results = _run(engine, [innocent, *guilty])
@@ -252,14 +258,14 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokeni
         real = engine._prefill_chunk
         calls = []
 
-        def broken_once(seq):
+        def broken_once(seq, size):
             calls.append(seq)
             if len(calls) == 1:
                 raise RuntimeError("simulated kernel failure")
-            return real(seq)
+            return real(seq, size)
 
         monkeypatch.setattr(engine, "_prefill_chunk", broken_once)
-        failed, = engine.submit([tokenizer.encode("x")], _greedy(5))
+        failed, = engine.submit([tokenizer.encode("x = 1 + 2")], _greedy(5))  # a prompt to prefill
         event = failed.events.get(timeout=30)
         assert event.finish_reason == "error" and "simulated kernel failure" in event.error
         assert not engine.running
@@ -270,19 +276,21 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(model, tokeni
 
 
 def test_long_prompts_are_prefilled_in_chunks_without_stalling_running_streams(model, tokenizer):
-    engine = Engine(model, tokenizer, slots=2, prefill_chunk=8)
+    engine = Engine(model, tokenizer, slots=2, step_tokens=8)
     running, = engine.submit([tokenizer.encode("x =")], _greedy(60))
     engine.step()
     engine.step()
     long_prompt = tokenizer.encode("def f(a, b):\n    return a + b\n" * 12)[:120]
     late, = engine.submit([long_prompt], _greedy(5))
-    for step in range(len(long_prompt) // 8):
+    for step in range(len(long_prompt) // 7):
         before = len(running.output_ids)
         engine.step()
         assert len(running.output_ids) == before + 1  # a token every step while the prompt streams in
-        assert late.prefilled == min(8 * (step + 1), len(long_prompt))
-    # The cache holds slots x (context + 1) positions, fixed when the engine starts.
-    assert engine.caches[0][0].shape == (2, model.config.attention.num_kv_heads, engine.context + 1,
+        # 8 positions a step: 1 for the running stream, 7 for the prompt (its last goes through decode).
+        assert late.computed == min(7 * (step + 1), len(long_prompt) - 1)
+    assert late.output_ids
+    # The pool holds slots x context positions by default, in blocks of 16, plus the spare block.
+    assert engine.caches[0][0].shape == (2 * engine.context // 16 + 1, 16, model.config.attention.num_kv_heads,
                                          model.config.head_dim)
 
 

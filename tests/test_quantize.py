@@ -94,11 +94,20 @@ def test_quantized_logits_are_the_dequantized_weights_logits(folder, scheme):
 def test_compiled_engine_decodes_quantized_weights_like_eager(folder, tokenizer, scheme):
     model = HavocModel.load_pretrained(folder, quantize=scheme)
     prompts = [tokenizer.encode("def f(x):"), tokenizer.encode("import os\nimport sys\n")]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    eager = [c.tokens for c in Engine(model, tokenizer, slots=2, context=64).complete(prompts, params)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    eager = Engine(model, tokenizer, slots=2, context=64).complete(prompts, params)
     torch._dynamo.reset()
-    compiled = [c.tokens for c in Engine(model, tokenizer, slots=2, context=64, compile=True).complete(prompts, params)]
-    assert compiled == eager
+    compiled = Engine(model, tokenizer, slots=2, context=64, compile=True).complete(prompts, params)
+    for ours, theirs in zip(compiled, eager):
+        # bf16 kernels differ in the last bits: the same log-probabilities within bf16 noise, and the
+        # same tokens up to a near-tie of this random model (top two within 0.05 nats), if any.
+        same = next((i for i, (a, b) in enumerate(zip(ours.tokens, theirs.tokens)) if a != b), 12)
+        for a, b in zip(ours.logprobs[:same], theirs.logprobs[:same]):
+            assert abs(a.logprob - b.logprob) < 0.05
+        if same < 12:
+            top = theirs.logprobs[same].top
+            assert top[0][1] - top[1][1] < 0.05, (same, top)
+    eager = [c.tokens for c in eager]
     with torch.inference_mode():  # and the engine's tokens are the model's own greedy tokens
         expected = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, eos_token_id=None)[0, len(prompts[0]):]
     assert eager[0] == expected.tolist()

@@ -365,14 +365,14 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(model_dir, monkeypatc
         real = engine._prefill_chunk
         failures = [1, 2]
 
-        def flaky(seq):
+        def flaky(seq, size):
             if failures:
                 failures.pop()
                 raise RuntimeError("simulated kernel failure")
-            return real(seq)
+            return real(seq, size)
 
         monkeypatch.setattr(engine, "_prefill_chunk", flaky)
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+        body = {"model": MODEL, "prompt": "x = 1 + 2", "max_tokens": 4}  # a prompt to prefill
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
         assert "simulated kernel failure" in r.json()["error"]["message"]

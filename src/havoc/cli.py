@@ -192,7 +192,8 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.checkpoint, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key, slots=args.slots,
           context=args.context, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
-          max_queue=args.max_queue, max_seqs_per_request=args.max_seqs_per_request)
+          max_queue=args.max_queue, max_seqs_per_request=args.max_seqs_per_request,
+          kv_cache_tokens=args.kv_cache_tokens, prefix_caching=not args.no_prefix_cache, step_tokens=args.step_tokens)
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,8 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     serve.add_argument("--tokenizer", help="tokenizer folder (default: the one in the checkpoint folder)")
     serve.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
-    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV cache rows)")
-    serve.add_argument("--context", type=int, help="tokens per slot (default: the model's max_seq_len)")
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--context", type=int, help="tokens per sequence (default: the model's max_seq_len)")
+    serve.add_argument("--kv-cache-tokens", type=int,
+                       help="positions in the paged KV cache, shared by all sequences (default: slots x context; "
+                            "on CUDA at most 80%% of the memory free after loading)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="recompute every prompt instead of reusing the cached blocks of an equal prefix")
+    serve.add_argument("--step-tokens", type=int, default=256,
+                       help="positions one engine step computes: one per decoding sequence, the rest for a "
+                            "prompt chunk (at least 16)")
     serve.add_argument("--device", default="cpu")
     _add_precision_arguments(serve)
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")

@@ -1,12 +1,17 @@
-"""The inference engine: a static KV cache of `slots` x context, continuous batching, chunked prefill.
+"""The inference engine: a paged KV cache, prefix caching, continuous batching, chunked prefill.
 
-Every running sequence owns a slot: a row of the preallocated cache, written by index. Each
-engine step prefills one chunk of one new prompt (so long prompts never stall running streams)
-and then decodes one token for every slot at once: a fixed-shape step that `torch.compile` can
-capture whole. The cache is made of registered buffers of an engine-owned module, so CUDA-graph
-trees replay the compiled step (they skip graphs that mutate inputs other than parameters and
-buffers). Sampling stays on the weights' device, with one host transfer per step for all rows.
-Sequences join and leave between steps; memory is bounded by slots x context.
+The cache is one pool of fixed-size blocks per layer, sized by a token budget; each sequence holds
+a table of the blocks its positions live in, and attention reads through it (a gather of the live
+blocks only). With prefix caching a sequence starts from the longest run of full blocks another
+sequence already computed for the same tokens (see kv_cache.py). When the pool runs out, the newest
+sequence is preempted: its blocks are freed and it is recomputed later, to the same output.
+
+Each engine step prefills one chunk of one prompt (so long prompts never stall running streams)
+and then decodes one token for every sequence at once: a step of fixed batch size that
+`torch.compile` captures whole. The pool is made of registered buffers of an engine-owned module,
+so CUDA-graph trees replay the compiled step (they skip graphs that mutate inputs other than
+parameters and buffers). Sampling runs for all rows together on the weights' device, with one host
+transfer per step. Sequences join and leave between steps.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
-from havoc_inference.sampling import SamplingParams, choose, process_logits, valid
+from havoc_inference.kv_cache import BlockPool, block_name
+from havoc_inference.sampling import SamplingParams, choose, process
 
 
 logger = logging.getLogger(__name__)
@@ -77,15 +83,19 @@ class Sequence:
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int, device: torch.device,
                  request: list[Sequence]):
-        self.id = next(self._ids)
+        self.id = next(self._ids)  # arrival order: under memory pressure the newest is preempted
         self.prompt_ids, self.params = prompt_ids, params
         self.request = request  # every sequence of the request this one belongs to (prompts x n)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.output_ids: list[int] = []
+        self.ids = list(prompt_ids)  # prompt and output: position i of the cache holds ids[i]
+        self.prompt_vocab = set(prompt_ids)  # for the repetition penalty
         self.counts: dict[int, int] = {}
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.echo and params.logprobs is not None else None
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens already in the cache
+        self.slot: int | None = None  # its row of the decode step while it runs
+        self.blocks: list[int] = []  # its block table: the pool's blocks holding positions 0, 16, 32, ...
+        self.names: list[bytes] = []  # the prefix names of its full blocks (prefix caching)
+        self.computed = 0  # positions whose keys and values are in the cache
         self.text = ""  # the output decoded so far (whole characters only)
         self.decoded = self.undecoded = 0  # see _new_text
         self.emitted = 0  # characters of `text` already reported
@@ -96,53 +106,61 @@ class Sequence:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
 
+    @property
+    def prefilling(self) -> bool:
+        # The last id goes through the decode step, which gives the logits of the next one.
+        return self.computed < len(self.ids) - 1
 
-class _SlotWrite:
-    """The engine's StaticCache for one layer: writes the new keys/values into the slot rows."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: int | None, start: int, positions: torch.Tensor):
-        self.k, self.v, self.slot, self.start, self.positions = k, v, slot, start, positions
+class _PagedWrite:
+    """The engine's cache for one layer (the model's KVCache protocol): writes the new keys and
+    values into the pool at the rows' positions, and returns each row's blocks gathered in order."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor):
+        self.k, self.v, self.tables, self.slots = k, v, tables, slots
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot is None:  # decode: one new position in each of the first rows slots
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, self.positions[:, 0]] = k[:, :, 0]
-            self.v[rows, :, self.positions[:, 0]] = v[:, :, 0]
-            return self.k[: k.shape[0]], self.v[: k.shape[0]]
-        end = self.start + k.shape[2]  # prefill: a chunk of one slot
-        self.k[self.slot, :, self.start:end] = k[0]
-        self.v[self.slot, :, self.start:end] = v[0]
-        return self.k[self.slot : self.slot + 1], self.v[self.slot : self.slot + 1]
+        # k, v: [rows, kv heads, seq, head dim]; the pool: [blocks, block size, kv heads, head dim].
+        for pool, new in ((self.k, k), (self.v, v)):
+            pool.view(-1, *pool.shape[2:])[self.slots] = new.transpose(1, 2).flatten(0, 1)
+        rows, blocks = self.tables.shape
+        return tuple(pool[self.tables].view(rows, blocks * pool.shape[1], *pool.shape[2:]).transpose(1, 2)
+                     for pool in (self.k, self.v))
 
 
 class _Decoder(nn.Module):
-    """The model and its static KV cache, as buffers (slots x KV heads x context + 1 x head dim per
-    layer, in the weights' dtype and on their device). One spare column: slots that are not
-    decoding write their throw-away step there."""
+    """The model and its paged KV cache, as buffers: a pool of blocks x block size x KV heads x
+    head dim per layer, in the weights' dtype and on their device. One spare block at the end:
+    rows that are not decoding write their throw-away step there."""
 
-    def __init__(self, model: HavocModel, slots: int, context: int):
+    def __init__(self, model: HavocModel, num_blocks: int, block_size: int, context: int):
         super().__init__()
-        self.model = model
+        self.model, self.block_size = model, block_size
         config, weight = model.config, model.embed_tokens.weight
-        shape = (slots, config.attention.num_kv_heads, context + 1, config.head_dim)
+        shape = (num_blocks + 1, block_size, config.attention.num_kv_heads, config.head_dim)
         for i in range(config.num_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
-        self.register_buffer("key_positions", torch.arange(context + 1, device=weight.device), persistent=False)
+        blocks = -(-context // block_size)
+        self.register_buffer("key_positions", torch.arange(blocks * block_size, device=weight.device), persistent=False)
 
     def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.model.config.num_layers)]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | None = None, start: int = 0,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                 all_logits: bool = False) -> torch.Tensor:
-        """Logits for `tokens` [rows, seq] at `positions`: a prefill chunk of `slot` from `start`, or
-        (slot None) one decode token in each of the first rows slots."""
+        """Logits for `tokens` [rows, seq] at `positions`, each row reading and writing the cache
+        through its block table [rows, blocks]: a prefill chunk of one sequence, or one decode
+        token in each row."""
         model = self.model
         x = model.embed_tokens(tokens)
-        rope = model.rotary(positions.clamp(max=model.config.max_seq_len - 1))  # the spare column's rope is moot
-        mask = (self.key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        rope = model.rotary(positions)
+        size = self.block_size
+        slots = tables.gather(1, positions // size) * size + positions % size  # where each new position goes
+        keys = self.key_positions[: tables.shape[1] * size]
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
         for layer, (k, v) in zip(model.layers, self.caches()):
-            x, _ = layer(x, rope, mask, _SlotWrite(k, v, slot, start, positions))
+            x, _ = layer(x, rope, mask, _PagedWrite(k, v, tables, slots.flatten()))
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
 
@@ -172,30 +190,52 @@ class _RowLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+BLOCK_SIZE = 16  # positions per cache block (vLLM's default)
+KV_MEMORY_FRACTION = 0.8  # on CUDA, of the memory free once the weights are loaded
+
+
 class Engine:
     def __init__(self, model: HavocModel, tokenizer: HavocTokenizer, slots: int = 8, context: int | None = None,
-                 prefill_chunk: int = 256, compile: bool = False, max_queue: int | None = None):
+                 step_tokens: int = 256, compile: bool = False, max_queue: int | None = None,
+                 kv_cache_tokens: int | None = None, prefix_caching: bool = True):
+        """`slots` sequences run at once, each of at most `context` positions, in a pool of
+        `kv_cache_tokens` positions (default: slots x context on the CPU; on CUDA, what fits in
+        KV_MEMORY_FRACTION of free memory, up to that). A step computes about `step_tokens`
+        positions: one per decoding sequence, the rest (at least a block) for a prefill chunk."""
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         self.context = context or config.max_seq_len
         if self.context > config.max_seq_len:
             raise ValueError(f"context {self.context} exceeds the model's max_seq_len {config.max_seq_len}")
-        self.slots, self.prefill_chunk = slots, prefill_chunk
+        if step_tokens < 1:
+            raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
+        self.slots, self.step_tokens = slots, step_tokens
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.eos_ids = {*config.eos_token_ids, tokenizer.eos_token_id}
         self.device = model.embed_tokens.weight.device
-        self.decoder = _Decoder(model, slots, self.context)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = self._default_cache_tokens()
+        if kv_cache_tokens < BLOCK_SIZE:
+            raise ValueError(f"kv_cache_tokens must be at least one block ({BLOCK_SIZE} positions), got {kv_cache_tokens}")
+        self.pool = BlockPool(kv_cache_tokens // BLOCK_SIZE, BLOCK_SIZE, prefix_caching)
+        self.max_blocks = self.pool.blocks_for(self.context)  # one sequence's block table, at most
+        self.decoder = _Decoder(model, self.pool.num_blocks, BLOCK_SIZE, self.context)
         self.decode_step = self.decoder
-        # dynamic=False: each batch size is its own fixed-shape graph, compiled once at warm-up.
+        # For /metrics: prompt positions looked up in the prefix cache and found there, positions
+        # computed by prefill chunks, and sequences preempted.
+        self.prefix_queries = self.prefix_hits = self.prefill_tokens = self.preemptions = 0
+        # dynamic=False: each batch size is its own graph, compiled once at warm-up; only the block
+        # tables' width is marked dynamic (see _run_decode).
         if compile:
             # Engines in one process (other models, dtypes, quantizations) share the step's code
             # object, whose graphs dynamo caps at 8 by default: a fourth 8-slot engine would fail.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if compile and self.device.type == "cuda":
-            # CUDA graphs: one recording per batch size at warm-up, then replays.
+            # CUDA graphs: one recording per batch size and table width at warm-up, then replays.
             self.decode_step = torch.compile(self.decoder, mode="reduce-overhead", fullgraph=True, dynamic=False)
         elif compile:
             self.decode_step = torch.compile(self._decode_step_rows, fullgraph=True, dynamic=False)
+        self.compiled = compile
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.lock = threading.Lock()
@@ -204,22 +244,50 @@ class Engine:
         self.thread: threading.Thread | None = None
         self._seeds = itertools.count(int(time.time_ns() % 2**31))
 
+    def _default_cache_tokens(self) -> int:
+        most = self.slots * self.context  # every slot full: more only keeps more prefixes
+        if self.device.type != "cuda":
+            return most
+        config, weight = self.model.config, self.model.embed_tokens.weight
+        per_position = 2 * config.num_layers * config.attention.num_kv_heads * config.head_dim * weight.element_size()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(most, int(free * KV_MEMORY_FRACTION) // per_position)
+
     @property
     def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (key, value) cache of each layer: [slots, KV heads, context + 1, head dim] each."""
+        """The (key, value) pool of each layer: [blocks + 1 spare, block size, KV heads, head dim] each."""
         return self.decoder.caches()
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.pool.num_blocks * BLOCK_SIZE
+
+    def _width(self, blocks: int) -> int:
+        # Block tables are padded to a power of two: attention reads the live part of the cache, in
+        # few shapes (CUDA graphs are recorded per shape). At least 2: dynamo specialises a size of 1.
+        return min(self.max_blocks, max(2, 1 << (blocks - 1).bit_length()))
+
+    def _run_decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+        return self.decode_step(tokens, positions, tables)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile (and on CUDA record) the decode step for every batch size it will meet, before the
         first request does. Call it from the thread that will step: CUDA-graph trees are per thread."""
+        widths = [self.max_blocks]
+        if self.device.type == "cuda":  # a graph per width; on the CPU the width is dynamic
+            widths = sorted({self._width(1 << i) for i in range(self.max_blocks.bit_length() + 1)})
         rows = 1
         while True:
             rows = min(rows, self.slots)
-            tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
-            positions = torch.full((rows, 1), self.context, device=self.device)
-            for _ in range(3):  # cudagraph trees record on the second call and replay from the third
-                self.decode_step(tokens, positions)
+            for width in widths:
+                tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+                positions = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+                tables = torch.full((rows, width), self.pool.num_blocks, device=self.device)
+                for _ in range(3):  # cudagraph trees record on the second call and replay from the third
+                    self._run_decode(tokens, positions, tables)
             if rows == self.slots:
                 return
             rows *= 2
@@ -236,11 +304,14 @@ class Engine:
             bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
-            if len(prompt_ids) + params.max_tokens > self.context:
-                raise ContextTooLong(
-                    f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                    f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.context} tokens"
-                )
+            total = len(prompt_ids) + params.max_tokens
+            if total > self.context:
+                raise ContextTooLong(f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                                     f"{total} exceeds the context of {self.context} tokens")
+            if total > self.kv_cache_tokens:
+                raise ContextTooLong(f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                                     f"{total} exceeds the whole KV cache of {self.kv_cache_tokens} tokens "
+                                     "(--kv-cache-tokens)")
         request: list[Sequence] = []
         for prompt_ids in prompts:
             for i in range(n):
@@ -261,7 +332,7 @@ class Engine:
         return request
 
     def cancel(self, sequences: list[Sequence], reason: str = "cancelled") -> None:
-        """End these sequences with `reason` (a final event says so); the engine thread frees their slots."""
+        """End these sequences with `reason` (a final event says so); the engine thread frees their blocks."""
         for seq in sequences:
             if seq.finish_reason is None:
                 seq.stop_reason = reason
@@ -309,7 +380,12 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         with self.lock:
-            return len(self.waiting) + sum(1 for s in self.running.values() if s.prefilled < len(s.prompt_ids))
+            return len(self.waiting) + sum(1 for s in self.running.values() if s.prefilling)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of the pool's blocks that running sequences hold."""
+        return 1 - self.pool.available / self.pool.num_blocks
 
     # The loop.
     def start(self, warm_up: bool = False) -> None:
@@ -375,80 +451,152 @@ class Engine:
             for seq in ended:
                 self._finish(seq, seq.stop_reason)
             self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
-            free = [s for s in range(self.slots) if s not in self.running]
-            while free and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot = free.pop(0)
-                self.running[seq.slot] = seq
+            self._admit()
             running = list(self.running.values())
         for seq in ended:
             seq.notify(Event(finish_reason=seq.finish_reason))
         if not running:
             return bool(ended)
-        prefilling = [s for s in running if s.prefilled < len(s.prompt_ids)]
+        prefilling = [s for s in running if s.prefilling]
         if prefilling:
             seq = min(prefilling, key=lambda s: s.id)
-            self._guarded(seq, self._prefill_chunk)
-        decoding = [s for s in running if s.prefilled == len(s.prompt_ids) and s.output_ids and s.finish_reason is None]
+            # The decoding rows' share of the step, but at least a block: new prompts always move on.
+            chunk = max(min(BLOCK_SIZE, self.step_tokens), self.step_tokens - (len(running) - len(prefilling)))
+            self._guarded(seq, self._prefill_chunk, chunk)
+        decoding = self._make_room([s for s in self.running.values() if not s.prefilling])
         if decoding:
             self._decode(decoding)
         return True
 
-    def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with _RowLinear():
-            return self.decoder(tokens, positions)
+    def _admit(self) -> None:
+        """Give free slots to waiting sequences, first come first served, while the pool holds their
+        prompts (less what the prefix cache already has). Called with the lock held."""
+        free = [s for s in range(self.slots) if s not in self.running]
+        while free and self.waiting:
+            seq = self.waiting[0]
+            # Prompt log-probabilities need every position's logits: those are computed, never reused.
+            most = (len(seq.ids) - 1) // BLOCK_SIZE if seq.prompt_logprobs is None else 0
+            blocks, names = self.pool.lookup(seq.ids, most)
+            if self.pool.available < self.pool.blocks_for(len(seq.ids)) - len(blocks):
+                self.pool.release(blocks)
+                return
+            self.waiting.popleft()
+            seq.blocks, seq.names, seq.computed = blocks, names, len(blocks) * BLOCK_SIZE
+            self.prefix_queries += len(seq.ids)
+            self.prefix_hits += seq.computed
+            seq.slot = free.pop(0)
+            self.running[seq.slot] = seq
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        start = seq.prefilled
-        chunk = seq.prompt_ids[start : start + self.prefill_chunk]
-        tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+    def _preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and send it back to the head of the queue: it is recomputed from its
+        prompt and output so far (and its sampling state), so its output does not change."""
+        with self.lock:
+            del self.running[seq.slot]
+            self.pool.release(seq.blocks)
+            seq.slot, seq.blocks, seq.names, seq.computed = None, [], [], 0
+            self.waiting.appendleft(seq)
+        self.preemptions += 1
+        logger.info("KV cache full: sequence %d preempted at %d positions", seq.id, len(seq.ids))
+
+    def _room(self, seq: Sequence, blocks: int) -> bool:
+        """Make `blocks` more blocks available for `seq`, preempting the newest sequences as needed
+        (perhaps `seq` itself: then False)."""
+        while self.pool.available < blocks:
+            victim = max(self.running.values(), key=lambda s: s.id)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _make_room(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Give each decoding sequence, oldest first, a block for its next position if it needs one."""
+        for seq in sorted(decoding, key=lambda s: s.id):
+            if seq.slot is not None and len(seq.blocks) * BLOCK_SIZE < len(seq.ids) and self._room(seq, 1):
+                seq.blocks.append(self.pool.allocate())
+        return [s for s in decoding if s.slot is not None]
+
+    def _name_blocks(self, seq: Sequence) -> None:
+        """Name the blocks `seq` has filled since the last call, so that later sequences may reuse them."""
+        if not self.pool.prefix_caching:
+            return
+        while len(seq.names) < seq.computed // BLOCK_SIZE:
+            i = len(seq.names)
+            seq.names.append(block_name(seq.names[-1] if seq.names else b"",
+                                        seq.ids[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]))
+            self.pool.name(seq.blocks[i], seq.names[-1])
+
+    def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        with _RowLinear():
+            return self.decoder(tokens, positions, tables)
+
+    def _prefill_chunk(self, seq: Sequence, size: int) -> None:
+        start = seq.computed
+        end = min(len(seq.ids) - 1, start + size)
+        blocks = self.pool.blocks_for(end)
+        if not self._room(seq, blocks - len(seq.blocks)):
+            return
+        seq.blocks += [self.pool.allocate() for _ in range(blocks - len(seq.blocks))]
+        tokens = torch.tensor([seq.ids[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        tables = torch.tensor([seq.blocks[:blocks]], device=self.device)
         echo = seq.prompt_logprobs is not None
-        logits = self.decoder(tokens, positions, seq.slot, start, all_logits=echo)[0].float()
-        seq.prefilled += len(chunk)
+        logits = self.decoder(tokens, positions, tables, all_logits=echo)[0].float()
+        seq.computed = end
+        self.prefill_tokens += end - start
+        self._name_blocks(seq)
         if echo:  # log-probabilities of the prompt's own tokens (lm-evaluation-harness scores with these)
-            targets = seq.prompt_ids[start + 1 : start + len(chunk) + 1]
-            seq.prompt_logprobs += self._logprobs([(logits[i], t, seq.params.logprobs) for i, t in enumerate(targets)])
-        if seq.prefilled == len(seq.prompt_ids):
-            self._accept([seq], logits[-1:])
+            # Position p's token is scored by the logits at p - 1; after a preemption some already are.
+            due = range(max(len(seq.prompt_logprobs), start + 1), min(end + 1, len(seq.prompt_ids)))
+            seq.prompt_logprobs += self._logprobs([(logits[p - 1 - start], seq.prompt_ids[p], seq.params.logprobs)
+                                                   for p in due])
 
     def _decode(self, decoding: list[Sequence]) -> None:
         # Decode the first `rows` slots only: the smallest power of two (capped at slots) that holds
         # every busy slot. Slots are handed out lowest first, so one request decodes as batch 1;
-        # each size is one fixed shape, compiled once.
+        # each size is one fixed shape, compiled once. Idle rows write to the spare block.
         rows = min(self.slots, 1 << max(s.slot for s in decoding).bit_length())
-        tokens = torch.full((rows, 1), self.model.config.pad_token_id, device=self.device)
-        positions = torch.full((rows, 1), self.context, device=self.device)  # idle rows: the spare column
+        width = self._width(max(len(s.blocks) for s in decoding))
+        tokens = [self.model.config.pad_token_id] * rows
+        positions = [0] * rows
+        tables = [[self.pool.num_blocks] * width for _ in range(rows)]
         for seq in decoding:
-            tokens[seq.slot, 0] = seq.output_ids[-1]
-            positions[seq.slot, 0] = len(seq.prompt_ids) + len(seq.output_ids) - 1
-        logits = self.decode_step(tokens, positions)[:, 0].float()
+            tokens[seq.slot], positions[seq.slot] = seq.ids[-1], len(seq.ids) - 1
+            tables[seq.slot][: len(seq.blocks)] = seq.blocks
+        logits = self._run_decode(torch.tensor(tokens, device=self.device)[:, None],
+                                  torch.tensor(positions, device=self.device)[:, None],
+                                  torch.tensor(tables, device=self.device))[:, 0].float()
+        for seq in decoding:
+            seq.computed += 1
+            self._name_blocks(seq)
         self._accept(decoding, logits[[seq.slot for seq in decoding]])
 
-    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose the next token of each sequence from its raw logits row [vocab] and report it.
+    def _choose(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        params = [s.params for s in sequences]
+        processed = process(logits.clone(), params, [(s.prompt_vocab, s.counts) for s in sequences])
+        return choose(processed, params, [s.generator for s in sequences])
 
-        Processing and drawing stay on the device; the tokens (and whether each row could be
-        sampled) come to the host in one transfer for all rows, the log-probabilities in one more.
+    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose the next token of each sequence from its raw logits row and report it.
+
+        All rows are processed and drawn together on the device; the tokens (and whether each row
+        could be sampled) come to the host in one transfer, the log-probabilities in one more.
         A failure ends only the request of the sequence it came from."""
-        chosen = []
-        for seq, row in zip(sequences, logits):
-            if seq.finish_reason is not None:  # a failed neighbour of the same request ended it
-                continue
-            try:
-                processed = process_logits(row.clone(), seq.params, seq.prompt_ids, seq.counts)
-                chosen.append((seq, row, torch.stack((choose(processed, seq.params, seq.generator),
-                                                      valid(processed, seq.params).long()))))
-            except Exception as e:
-                logger.exception("request of sequence %d failed", seq.id)
-                self._fail(seq.request, e)
-        if not chosen:
-            return
-        picks = torch.stack([pick for _, _, pick in chosen]).tolist()
+        try:
+            picks = self._choose(sequences, logits).T.tolist()
+        except Exception:  # find whose request failed: each row on its own (a transfer each, only here)
+            picks = []
+            for seq, row in zip(sequences, logits):
+                try:
+                    picks.append(self._choose([seq], row[None])[:, 0].tolist())
+                except Exception as e:
+                    logger.exception("request of sequence %d failed", seq.id)
+                    self._fail(seq.request, e)
+                    picks.append(None)
         accepted = []
-        for (seq, row, _), (token, ok) in zip(chosen, picks):
-            if seq.finish_reason is not None:
+        for seq, row, pick in zip(sequences, logits, picks):
+            if pick is None or seq.finish_reason is not None:  # a failed neighbour of the same request ended it
                 continue
+            token, ok = pick
             if not ok:
                 self._fail(seq.request, FloatingPointError(
                     "the next-token probabilities are not finite (NaN or infinite logits): nothing can be sampled"))
@@ -459,7 +607,6 @@ class Engine:
         for seq, _, token in accepted:
             if seq.finish_reason is None:
                 self._guarded(seq, self._report, token, logprobs.pop(0) if seq.params.logprobs is not None else None)
-
     @staticmethod
     def _logprobs(rows: list[tuple[torch.Tensor, int, int]]) -> list[TokenLogprob]:
         """Of the model's own distribution, as OpenAI reports them: each (logits, token, top k) row's
@@ -484,6 +631,7 @@ class Engine:
         stop_token = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
         if not stop_token:
             seq.output_ids.append(token)
+            seq.ids.append(token)
             seq.counts[token] = seq.counts.get(token, 0) + 1
         searched = max(0, len(seq.text) - max((len(s) for s in params.stop), default=0) + 1)
         seq.text += self._new_text(seq)
@@ -528,3 +676,5 @@ class Engine:
         seq.finish_reason = reason
         if seq.slot is not None and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
+        self.pool.release(seq.blocks)
+        seq.blocks = []

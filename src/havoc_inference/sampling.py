@@ -60,20 +60,45 @@ class InvalidParameter(ValueError):
         self.param = param
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
-                   output_counts: dict[int, int]) -> torch.Tensor:
-    """Apply penalties, temperature, top-k, top-p and min-p to one row of float32 logits [vocab]."""
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_counts)), device=logits.device)
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if output_counts and (params.presence_penalty or params.frequency_penalty):
-        ids = torch.tensor(list(output_counts), device=logits.device)
-        counts = torch.tensor(list(output_counts.values()), device=logits.device, dtype=logits.dtype)
-        logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
-    if params.greedy:
+def process(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[set[int], dict[int, int]]]
+            ) -> torch.Tensor:
+    """Penalties, temperature, top-k, top-p and min-p for float32 logits [rows, vocab] (changed in
+    place), one row per sequence with its params and history (the set of its prompt's ids, the
+    counts of its output's). All rows at once: a handful of calls per step, not per row."""
+    device = logits.device
+    rows, ids, values = [], [], []  # repetition penalty: every (row, id) seen, and the row's penalty
+    for r, (p, (prompt, counts)) in enumerate(zip(params, histories)):
+        if p.repetition_penalty != 1.0:
+            seen = sorted(prompt | counts.keys())
+            rows += [r] * len(seen)
+            ids += seen
+            values += [p.repetition_penalty] * len(seen)
+    if rows:
+        at = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+        penalty, picked = torch.tensor(values, device=device, dtype=logits.dtype), logits[at]
+        logits[at] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    rows, ids, values = [], [], []  # presence and frequency penalties: what each output id costs
+    for r, (p, (_, counts)) in enumerate(zip(params, histories)):
+        if counts and (p.presence_penalty or p.frequency_penalty):
+            rows += [r] * len(counts)
+            ids += counts
+            values += [n * p.frequency_penalty + p.presence_penalty for n in counts.values()]
+    if rows:
+        at = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+        logits[at] -= torch.tensor(values, device=device, dtype=logits.dtype)
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if not sampled:
         return logits
-    return filter_logits(_finite(_finite(logits) / params.temperature), params.top_k, params.top_p, params.min_p)
+    kept = [params[r] for r in sampled]
+    temperature = torch.tensor([[p.temperature] for p in kept], device=device, dtype=logits.dtype)
+    every = len(sampled) == len(params)
+    chosen = logits if every else logits[sampled]
+    chosen = filter_logits(_finite(_finite(chosen) / temperature), [p.top_k for p in kept], [p.top_p for p in kept],
+                           [p.min_p for p in kept])
+    if every:
+        return chosen
+    logits[sampled] = chosen
+    return logits
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -82,27 +107,21 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     return logits.nan_to_num(nan=float("nan"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """The next token from processed logits, as a 0-d tensor on their device (no host sync): argmax
-    when greedy, else a draw from `generator`, which lives on the same device."""
-    if params.greedy:
-        return logits.argmax()
-    return draw(logits.softmax(-1), generator)
+def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """The next token of each row of processed logits [rows, vocab], and whether the row could be
+    sampled, as [2, rows] on their device (no host sync): argmax when greedy, else a draw from the
+    row's own generator, on the same device.
 
-
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index drawn from `probs` [vocab]: argmax(p / q) with q ~ Exp(1) is a draw from p.
-
-    This is torch.multinomial's own one-sample algorithm, so the same generator state gives the
-    same token; multinomial first checks the probabilities with a host sync, which a GPU decode
-    step cannot afford per row. Invalid probabilities (NaN, inf) are caught by the caller.
+    A draw is argmax(p / q) with q ~ Exp(1): torch.multinomial's own one-sample algorithm, so a
+    generator state gives multinomial's token whatever the other rows are. multinomial itself first
+    checks the probabilities with a host sync, which a GPU step cannot afford per row. The noise
+    is the one call per sampled row: torch generators hold one stream each.
     """
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax()
-
-
-def valid(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """A 0-d bool tensor: these processed logits can be sampled (what multinomial would check)."""
-    if params.greedy:
-        return torch.ones((), dtype=torch.bool, device=logits.device)
-    return ~logits.isnan().any() & (logits.amax() > float("-inf"))
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    noise = torch.ones_like(logits)
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            noise[row].exponential_(1, generator=generator)
+    tokens = torch.where(greedy, logits.argmax(-1), (logits.softmax(-1) / noise).argmax(-1))
+    ok = greedy | (~logits.isnan().any(-1) & (logits.amax(-1) > float("-inf")))
+    return torch.stack((tokens, ok.long()))

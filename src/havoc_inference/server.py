@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -220,14 +221,30 @@ def _page_headers(page: str) -> dict[str, str]:
             "Referrer-Policy": "no-referrer"}
 
 
+class _EngineCounters:
+    """The engine's running totals as Prometheus counters (read at scrape time)."""
+
+    COUNTERS = [("havoc_prefix_cache_queries", "Prompt positions looked up in the prefix cache", "prefix_queries"),
+                ("havoc_prefix_cache_hits", "Prompt positions found in the prefix cache", "prefix_hits"),
+                ("havoc_prefill_tokens", "Positions computed by prefill chunks", "prefill_tokens"),
+                ("havoc_preemptions", "Sequences preempted for KV cache space (recomputed later)", "preemptions")]
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def collect(self):
+        for name, documentation, attribute in self.COUNTERS:
+            engine = self.server.engine
+            yield CounterMetricFamily(name, documentation, value=getattr(engine, attribute) if engine else 0)
+
+
 class Server:
     """The app's state: the engine (loaded in the background), the model's name, limits and metrics."""
 
-    def __init__(self, checkpoint: str, tokenizer: str | None, model_name: str | None, slots: int,
-                 context: int | None, device: str, dtype: str | None, quantize: str | None, compile: bool,
-                 max_queue: int | None, max_seqs_per_request: int | None):
+    def __init__(self, checkpoint: str, tokenizer: str | None, model_name: str | None, device: str,
+                 dtype: str | None, quantize: str | None, max_seqs_per_request: int | None, engine_options: dict):
         self.model_name = model_name or Path(checkpoint).resolve().name
-        self.max_seqs_per_request = max_seqs_per_request or slots
+        self.max_seqs_per_request = max_seqs_per_request or engine_options["slots"]
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.metrics = CollectorRegistry()
@@ -241,13 +258,19 @@ class Server:
             lambda: self.engine.queue_depth if self.engine else 0)
         Gauge("havoc_running_sequences", "Sequences holding a cache slot", registry=self.metrics).set_function(
             lambda: len(self.engine.running) if self.engine else 0)
+        Gauge("havoc_kv_cache_usage", "Fraction of the KV cache's blocks that running sequences hold",
+              registry=self.metrics).set_function(lambda: self.engine.kv_cache_usage if self.engine else 0)
+        Gauge("havoc_prefix_cache_hit_rate", "Prompt positions found in the prefix cache / positions looked up",
+              registry=self.metrics).set_function(
+            lambda: self.engine.prefix_hits / self.engine.prefix_queries if self.engine and self.engine.prefix_queries else 0)
+        self.metrics.register(_EngineCounters(self))
 
         def load() -> None:
             try:
                 model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device, dtype=dtype,
                                                       quantize=quantize)
-                engine = Engine(model, tok, slots=slots, context=context, compile=compile, max_queue=max_queue)
-                engine.start(warm_up=compile)  # /health stays 503 until every batch size is compiled
+                engine = Engine(model, tok, **engine_options)
+                engine.start(warm_up=engine.compiled)  # /health stays 503 until every batch size is compiled
                 self.engine = engine
             except Exception as e:  # reported by /health; the process stays up to say why
                 self.load_error = f"{type(e).__name__}: {e}"
@@ -282,14 +305,14 @@ def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, ech
 
 
 def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | None = None, api_key: str | None = None,
-               slots: int = 8, context: int | None = None, device: str = "cpu", dtype: str | None = None,
-               quantize: str | None = None, compile: bool = False,
-               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int | None = None,
-               max_seqs_per_request: int | None = None) -> FastAPI:
-    """The ASGI app. `max_queue` bounds the sequences waiting for a slot (default 4 x slots; past it
-    requests get 429); `max_seqs_per_request` bounds prompts x n of one request (default: slots)."""
-    server = Server(checkpoint, tokenizer, model_name, slots, context, device, dtype, quantize, compile, max_queue,
-                    max_seqs_per_request)
+               device: str = "cpu", dtype: str | None = None, quantize: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_seqs_per_request: int | None = None, slots: int = 8,
+               **engine_options) -> FastAPI:
+    """The ASGI app. `engine_options` go to the Engine (context, compile, max_queue: the sequences
+    that may wait, past which requests get 429, kv_cache_tokens, prefix_caching, step_tokens);
+    `max_seqs_per_request` bounds prompts x n of one request (default: slots)."""
+    server = Server(checkpoint, tokenizer, model_name, device, dtype, quantize, max_seqs_per_request,
+                    {"slots": slots, **engine_options})
     app = FastAPI(title="HAVOC", docs_url=None, redoc_url=None)
     app.state.server = server
     page = PAGE.read_text()

@@ -490,18 +490,28 @@ def sample(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Set to -inf the logits [..., vocab] outside the top k, the top-p nucleus and the min-p floor (0/1/0: off)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
+def filter_logits(logits: torch.Tensor, top_k: int | list[int] = 0, top_p: float | list[float] = 1.0,
+                  min_p: float | list[float] = 0.0) -> torch.Tensor:
+    """Set to -inf the logits [..., vocab] outside the top k, the top-p nucleus and the min-p floor
+    (0/1/0: off). Each is one value for all rows or a list of one per row of logits [rows, vocab]."""
+    vocab = logits.shape[-1]
+    ks, ps, mins = (v if isinstance(v, list) else [v] for v in (top_k, top_p, min_p))
+    # Each stage runs only if some row uses it; a row that does not is left as it is.
+    if any(0 < k < vocab for k in ks):
+        values = torch.topk(logits, max(k for k in ks if k < vocab), dim=-1).values
+        index = torch.tensor([[k - 1 if 0 < k < vocab else 0] for k in ks], device=logits.device)
+        kth = values.gather(-1, index.expand(*values.shape[:-1], 1))
+        off = torch.tensor([[not 0 < k < vocab] for k in ks], device=logits.device)
+        logits = logits.masked_fill((logits < kth) & ~off, float("-inf"))
+    if any(p < 1 for p in ps):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
+        p = torch.tensor([[p] for p in ps], device=logits.device, dtype=probs.dtype)
+        drop = (probs.cumsum(dim=-1) - probs >= p) & (p < 1)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if min_p > 0:
+    if any(m > 0 for m in mins):
         probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        floor = torch.tensor([[m] for m in mins], device=logits.device, dtype=probs.dtype)
+        logits = logits.masked_fill(probs < floor * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits
