@@ -286,8 +286,10 @@ def test_long_prompts_are_prefilled_in_chunks_without_stalling_running_streams(m
         before = len(running.output_ids)
         engine.step()
         assert len(running.output_ids) == before + 1  # a token every step while the prompt streams in
-        # 8 positions a step: 1 for the running stream, 7 for the prompt (its last goes through decode).
-        assert late.computed == min(7 * (step + 1), len(long_prompt) - 1)
+        # 8 positions a step: 1 for the running stream, 7 for the prompt but its last id, which goes
+        # through the decode step (in the step that finishes the rest).
+        prefilled = min(7 * (step + 1), len(long_prompt) - 1)
+        assert late.computed == prefilled + (prefilled == len(long_prompt) - 1)
     assert late.output_ids
     # The pool holds slots x context positions by default, in blocks of 16, plus the spare block.
     assert engine.caches[0][0].shape == (2 * engine.context // 16 + 1, 16, model.config.attention.num_kv_heads,

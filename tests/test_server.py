@@ -615,3 +615,49 @@ def test_serves_bf16_weights_on_the_cpu(model_dir, tokenizer):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _metric(url, name):
+    return next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith(name + " "))
+
+
+def test_chat_turns_reuse_the_prefix_cache_and_answer_as_without_it(client, url, model_dir):
+    proc, uncached_url = _start(model_dir, "--no-prefix-cache")
+    try:
+        _wait_ready(uncached_url)
+        uncached = openai.OpenAI(base_url=f"{uncached_url}/v1", api_key="unused", max_retries=0)
+        system = {"role": "system", "content": "You are HAVOC, a terse assistant that answers in Python. " * 6}
+        conversations, spent = {}, {}
+        for name, c, u in (("cached", client, url), ("uncached", uncached, uncached_url)):
+            before = [_metric(u, m) for m in ("havoc_prefix_cache_hits_total", "havoc_prefill_tokens_total")]
+            messages = [system, {"role": "user", "content": "write a stack"}]
+            for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+                reply = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                                  extra_body={"ignore_eos": True}, **sampling)
+                messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                             {"role": "user", "content": "and now a queue"}]
+            conversations[name] = messages
+            spent[name] = [_metric(u, m) - b for m, b in zip(("havoc_prefix_cache_hits_total",
+                                                               "havoc_prefill_tokens_total"), before)]
+        assert conversations["cached"] == conversations["uncached"]
+        (hits, prefilled), (no_hits, no_prefill) = spent["cached"], spent["uncached"]
+        # The second turn finds the system prompt and the first turn in the cache.
+        assert no_hits == 0 and hits >= 48 and prefilled <= no_prefill - hits
+        assert 0 < _metric(url, "havoc_prefix_cache_hit_rate") < 1
+        assert _metric(uncached_url, "havoc_prefix_cache_hit_rate") == 0
+        assert "havoc_kv_cache_usage" in httpx.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_request_longer_than_the_whole_kv_cache_is_a_400_naming_both_numbers(model_dir):
+    with _in_process(model_dir, kv_cache_tokens=64) as (engine, http):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 50, "max_tokens": 20})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "= 70 exceeds the whole KV cache of 64 tokens" in r.json()["error"]["message"]
+        assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 64
+        # Without max_tokens a chat may use what the pool leaves, and is served.
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text

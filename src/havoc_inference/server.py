@@ -369,7 +369,7 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
     async def models():
         engine = server.ready_engine()
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                            "owned_by": "havoc", "max_model_len": engine.context}]}
+                                            "owned_by": "havoc", "max_model_len": engine.max_model_len}]}
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest):
@@ -382,7 +382,7 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
             tokens = await asyncio.to_thread(engine.tokenizer.encode, body.prompt)
         else:
             tokens = await asyncio.to_thread(engine.tokenizer.apply_chat_template, _plain_messages(body.messages), True)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest):
@@ -413,7 +413,7 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:  # no limit asked: whatever the context leaves
-            max_tokens = max(1, engine.context - len(prompt))
+            max_tokens = max(1, engine.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         # An assistant turn ends with <|end|>.
         params = _sampling_params(body, max_tokens, logprobs, False, [engine.tokenizer.end_token_id], field)
