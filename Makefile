@@ -39,6 +39,7 @@ bench: $(STAMP)
 	mkdir -p runs/bench
 	$(VENV)/bin/havoc bench small --repeats 7 --json runs/bench/core.json --chart runs/bench/core.png
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_attention.py
 
 # On a machine with a CUDA GPU: its own python and torch (never reinstalled), HAVOC from src/.
 # Tests marked cuda, the 7B shape beside HF, 1B training tokens/s and MFU; results in GPU_CHECK_OUT.

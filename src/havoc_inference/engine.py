@@ -116,13 +116,13 @@ class _PagedWrite:
     """The engine's cache for one layer (the model's KVCache protocol): writes the new keys and
     values into the pool at the rows' positions, and returns each row's blocks gathered in order."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, slots: torch.Tensor):
-        self.k, self.v, self.tables, self.slots = k, v, tables, slots
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, index: torch.Tensor):
+        self.k, self.v, self.tables, self.index = k, v, tables, index  # index: each new position's place in the pool
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: [rows, kv heads, seq, head dim]; the pool: [blocks, block size, kv heads, head dim].
         for pool, new in ((self.k, k), (self.v, v)):
-            pool.view(-1, *pool.shape[2:])[self.slots] = new.transpose(1, 2).flatten(0, 1)
+            pool.view(-1, *pool.shape[2:])[self.index] = new.transpose(1, 2).flatten(0, 1)
         rows, blocks = self.tables.shape
         return tuple(pool[self.tables].view(rows, blocks * pool.shape[1], *pool.shape[2:]).transpose(1, 2)
                      for pool in (self.k, self.v))
@@ -156,11 +156,11 @@ class _Decoder(nn.Module):
         x = model.embed_tokens(tokens)
         rope = model.rotary(positions)
         size = self.block_size
-        slots = tables.gather(1, positions // size) * size + positions % size  # where each new position goes
+        index = tables.gather(1, positions // size) * size + positions % size  # where each new position goes
         keys = self.key_positions[: tables.shape[1] * size]
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
         for layer, (k, v) in zip(model.layers, self.caches()):
-            x, _ = layer(x, rope, mask, _PagedWrite(k, v, tables, slots.flatten()))
+            x, _ = layer(x, rope, mask, _PagedWrite(k, v, tables, index.flatten()))
         return model.lm_head(model.norm(x if all_logits else x[:, -1:]))
 
 

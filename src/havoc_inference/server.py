@@ -256,7 +256,7 @@ class Server:
         self.latency = Histogram("havoc_request_latency_seconds", "Whole-request latency", registry=self.metrics)
         Gauge("havoc_queue_depth", "Sequences waiting or prefilling", registry=self.metrics).set_function(
             lambda: self.engine.queue_depth if self.engine else 0)
-        Gauge("havoc_running_sequences", "Sequences holding a cache slot", registry=self.metrics).set_function(
+        Gauge("havoc_running_sequences", "Sequences running (each holds KV cache blocks)", registry=self.metrics).set_function(
             lambda: len(self.engine.running) if self.engine else 0)
         Gauge("havoc_kv_cache_usage", "Fraction of the KV cache's blocks that running sequences hold",
               registry=self.metrics).set_function(lambda: self.engine.kv_cache_usage if self.engine else 0)
