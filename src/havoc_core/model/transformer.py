@@ -493,8 +493,9 @@ def sample(
 def filter_logits(logits: torch.Tensor, top_k: int | list[int] = 0, top_p: float | list[float] = 1.0,
                   min_p: float | list[float] = 0.0) -> torch.Tensor:
     """Set to -inf the logits [..., vocab] outside the top k, the top-p nucleus and the min-p floor
-    (0/1/0: off). Each is one value for all rows or a list of one per row of logits [rows, vocab]."""
-    vocab = logits.shape[-1]
+    (0/1/0: off). Each is one value for all rows or a list of one per row (of logits [rows, vocab])."""
+    shape, vocab = logits.shape, logits.shape[-1]
+    logits = logits.reshape(-1, vocab)
     ks, ps, mins = (v if isinstance(v, list) else [v] for v in (top_k, top_p, min_p))
     # Each stage runs only if some row uses it; a row that does not is left as it is.
     if any(0 < k < vocab for k in ks):
@@ -514,4 +515,4 @@ def filter_logits(logits: torch.Tensor, top_k: int | list[int] = 0, top_p: float
         probs = logits.softmax(dim=-1)
         floor = torch.tensor([[m] for m in mins], device=logits.device, dtype=probs.dtype)
         logits = logits.masked_fill(probs < floor * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    return logits
+    return logits.view(shape)
