@@ -331,8 +331,9 @@ def test_crafted_checkpoint_metadata_never_runs_code(config, tmp_path, monkeypat
     checkpoint = checkpoints(Path(config.out) / "checkpoints")[-1]
     marker = tmp_path / "pwned"
     monkeypatch.setenv("HAVOC_PWNED", str(marker))
-    (checkpoint / ".metadata").write_bytes(pickle.dumps(_Exploit()))
-    with pytest.raises(ValueError, match=r"is damaged: .*\.metadata has 111 bytes, the checksums say"):
+    payload = pickle.dumps(_Exploit())  # its size depends on the temporary folder's name
+    (checkpoint / ".metadata").write_bytes(payload)
+    with pytest.raises(ValueError, match=rf"is damaged: .*\.metadata has {len(payload)} bytes, the checksums say"):
         export_checkpoint(checkpoint, tmp_path / "out")
     # An attacker who also rewrites the checksums still meets the allow-list unpickler.
     checksums = json.loads((checkpoint / "checksums.json").read_text())
