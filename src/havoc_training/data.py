@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from havoc_core.atomic import atomic_directory
 from havoc_core.tokenizer import Corpus, HavocTokenizer
-from havoc_core.tokenizer.corpus import in_val_split
+from havoc_core.tokenizer.corpus import COMPRESSION, in_val_split
 
 MANIFEST = "manifest.json"
 FORMAT = "havoc-tokens-v1"
@@ -79,7 +79,9 @@ def prepare(
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     with atomic_directory(out) as tmp:
         writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in SPLITS}
-        progress = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+        # The text's size is known up front for plain files only (not compressed, Parquet or datasets).
+        plain = all(f.is_file() and f.suffix not in (*COMPRESSION, ".parquet") for f in files)
+        progress = tqdm(total=sum(f.stat().st_size for f in files) if plain else None, unit="B", unit_scale=True,
                         desc="tokenizing", disable=not show_progress)
         pending, pending_bytes = [], 0
 

@@ -21,7 +21,7 @@ def read_chats(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
     if not path.is_file():
         raise FileNotFoundError(f"chat file {path} does not exist (fine-tuning takes a .jsonl of {{'messages': [...]}})")
     chats = []
-    for number, record in jsonl_records(path, path.read_text(encoding="utf-8")):
+    for number, record in jsonl_records(path, path.read_text(encoding="utf-8").splitlines()):
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise ValueError(f"{path}:{number} needs a 'messages' list")
         chats.append((f"{path.name}:{number}", record["messages"]))

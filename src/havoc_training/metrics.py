@@ -73,4 +73,4 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl: an append log, so a torn last line is dropped with a warning."""
-    return [record for _, record in jsonl_records(path, Path(path).read_text(), torn_end=True)]
+    return [record for _, record in jsonl_records(path, Path(path).read_text().splitlines(), torn_end=True)]

@@ -1,18 +1,21 @@
-"""Reading text corpora: files, folders (recursive, glob filters), JSONL, and the embedded default.
+"""Reading text corpora: files, folders (recursive, glob filters), JSONL (plain, .gz, .zst),
+Parquet, Hugging Face `datasets` folders (`save_to_disk`), and the embedded default.
 
-A document is a whole text file or one JSONL record's text field. The embedded default corpus is
-the Python standard library's own source, present on every machine that runs HAVOC.
+A document is a whole text file, or one record's text field (a JSONL line, a Parquet or datasets
+row). Records are streamed, so memory stays bounded whatever the size of a file. The embedded
+default corpus is the Python standard library's own source, present on every machine that runs HAVOC.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,22 +39,33 @@ def in_val_split(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
-def jsonl_records(path: Path, text: str, torn_end: bool = False) -> Iterator[tuple[int, object]]:
-    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON is named.
+def jsonl_records(path: Path, lines: Iterable[str], torn_end: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of JSONL `lines`; a line that is not JSON is named.
     `torn_end`: the file is an append log, which a kill can leave with a torn last line: that line
     is dropped with a warning."""
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            if torn_end and number == len(lines):
-                print(f"warning: {path}:{number} is a torn last record (a run was killed while writing it); "
-                      "dropped", file=sys.stderr)
-                return
-            raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+    lines = iter(lines)
+    number, line = 1, next(lines, None)
+    while line is not None:
+        following = next(lines, None)  # one line ahead: is this the last?
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                if torn_end and following is None:
+                    print(f"warning: {path}:{number} is a torn last record (a run was killed while writing it); "
+                          "dropped", file=sys.stderr)
+                    return
+                raise ValueError(f"{path}:{number} is not valid JSON ({e.msg})") from None
+        number, line = number + 1, following
+
+
+# Compressed inputs, by their last suffix: pyarrow's codecs, decompressed as a stream.
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 @dataclass
@@ -75,7 +89,9 @@ class Corpus:
         found: list[Path] = []
         for raw in self.paths:
             path = Path(raw)
-            if path.is_dir():
+            if path.is_dir() and is_dataset_folder(path):
+                found.append(path)
+            elif path.is_dir():
                 matches = sorted(
                     p for p in path.rglob("*")
                     if p.is_file()
@@ -94,28 +110,130 @@ class Corpus:
     def __iter__(self) -> Iterator[Document]:
         files = self.files()
         root = Path(os.path.commonpath([p.resolve() for p in files]))
-        if root.is_file():
+        if root.is_file() or is_dataset_folder(root):  # one input: named by its own name
             root = root.parent
         for path in files:
             yield from self._read(path, str(path.resolve().relative_to(root)))
 
     def _read(self, path: Path, source: str) -> Iterator[Document]:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise OSError(f"cannot read input file {path}: {e.strerror or e}") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            self.skipped.append(str(path))  # binary or another encoding: not text we can train on
-            return
-        if path.suffix != ".jsonl":
+        if path.is_dir():
+            yield from self._rows(path, source, _dataset_batches(path, self.text_field))
+        elif path.suffix == ".parquet":
+            yield from self._rows(path, source, _parquet_batches(path, self.text_field))
+        elif Path(path.name.removesuffix(path.suffix)).suffix == ".jsonl" and path.suffix in COMPRESSION \
+                or path.suffix == ".jsonl":
+            yield from self._jsonl(path, source)
+        else:
+            data = _read_all(path)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped.append(str(path))  # binary or another encoding: not text we can train on
+                return
             if text:
                 yield Document(text, source)
-            return
-        for number, record in jsonl_records(path, text):
-            value = record.get(self.text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise ValueError(f"{path}:{number} has no string field {self.text_field!r} (set --text-field)")
-            if value:
-                yield Document(value, f"{source}:{number}")
+
+    def _jsonl(self, path: Path, source: str) -> Iterator[Document]:
+        with _lines(path) as lines:
+            for number, record in jsonl_records(path, lines):
+                value = record.get(self.text_field) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    raise ValueError(f"{path}:{number} has no string field {self.text_field!r} (set --text-field)")
+                if value:
+                    yield Document(value, f"{source}:{number}")
+
+    def _rows(self, path: Path, source: str, batches: Iterator[list]) -> Iterator[Document]:
+        row = 0
+        for texts in batches:
+            for text in texts:
+                row += 1
+                if not isinstance(text, str):
+                    raise ValueError(f"{path} row {row}: field {self.text_field!r} is {text!r}, not text")
+                if text:
+                    yield Document(text, f"{source}:{row}")
+
+
+def _opened(path: Path):
+    """A binary stream of `path`, decompressed if its suffix says so; errors name the file."""
+    import pyarrow as pa
+
+    try:
+        return pa.input_stream(str(path), compression=COMPRESSION.get(path.suffix))
+    except (OSError, pa.ArrowException) as e:
+        raise OSError(f"cannot read input file {path}: {e}") from None
+
+
+def _read_all(path: Path) -> bytes:
+    if path.suffix not in COMPRESSION:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise OSError(f"cannot read input file {path}: {e.strerror or e}") from None
+    import pyarrow as pa
+
+    with _opened(path) as stream:
+        try:
+            return stream.read()
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path} is not a readable {COMPRESSION[path.suffix]} file ({e}): damaged or truncated?") \
+                from None
+
+
+class _lines:
+    """The lines of a (maybe compressed) text file, streamed, each decoded on its own so that an
+    error names its line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Iterator[str]:
+        self.stream = _opened(self.path)
+        return self._decoded(io.BufferedReader(self.stream))
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+    def _decoded(self, raw: io.BufferedReader) -> Iterator[str]:
+        import pyarrow as pa
+
+        number = 0  # lines read so far: an error is in the next one
+        try:
+            for line in raw:
+                number += 1
+                yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path}:{number} is not UTF-8 text") from None
+        except (OSError, EOFError, pa.ArrowException) as e:
+            raise ValueError(f"{self.path}: cannot decompress past line {number} ({e}): damaged or truncated?") \
+                from None
+
+
+def _parquet_batches(path: Path, field: str) -> Iterator[list]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(str(path))
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is not a readable Parquet file ({e})") from None
+    names = parquet.schema_arrow.names
+    if field not in names:
+        raise ValueError(f"{path} has no column {field!r} (set --text-field; its columns: {', '.join(names)})")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
+        yield batch.column(0).to_pylist()
+
+
+def _dataset_batches(path: Path, field: str) -> Iterator[list]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{path} is a Hugging Face datasets folder: reading it needs `pip install datasets`") from None
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"{path} holds the splits {', '.join(dataset)}: pass one split's folder, "
+                         f"such as {path / next(iter(dataset))}")
+    if field not in dataset.column_names:
+        raise ValueError(f"{path} has no column {field!r} (set --text-field; its columns: "
+                         f"{', '.join(dataset.column_names)})")
+    for batch in dataset.select_columns([field]).iter(batch_size=1024):
+        yield batch[field]
