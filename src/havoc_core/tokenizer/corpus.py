@@ -120,8 +120,7 @@ class Corpus:
             yield from self._rows(path, source, _dataset_batches(path, self.text_field))
         elif path.suffix == ".parquet":
             yield from self._rows(path, source, _parquet_batches(path, self.text_field))
-        elif Path(path.name.removesuffix(path.suffix)).suffix == ".jsonl" and path.suffix in COMPRESSION \
-                or path.suffix == ".jsonl":
+        elif (path.with_suffix("") if path.suffix in COMPRESSION else path).suffix == ".jsonl":
             yield from self._jsonl(path, source)
         else:
             data = _read_all(path)
