@@ -617,11 +617,6 @@ def test_serves_bf16_weights_on_the_cpu(model_dir, tokenizer):
         proc.wait(timeout=30)
 
 
-def _metric(url, name):
-    return next(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-                if line.startswith(name + " "))
-
-
 def test_chat_turns_reuse_the_prefix_cache_and_answer_as_without_it(client, url, model_dir):
     proc, uncached_url = _start(model_dir, "--no-prefix-cache")
     try:

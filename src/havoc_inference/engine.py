@@ -133,7 +133,7 @@ class _Decoder(nn.Module):
     head dim per layer, in the weights' dtype and on their device. One spare block at the end:
     rows that are not decoding write their throw-away step there."""
 
-    def __init__(self, model: HavocModel, num_blocks: int, block_size: int, context: int):
+    def __init__(self, model: HavocModel, num_blocks: int, block_size: int, max_blocks: int):
         super().__init__()
         self.model, self.block_size = model, block_size
         config, weight = model.config, model.embed_tokens.weight
@@ -141,8 +141,9 @@ class _Decoder(nn.Module):
         for i in range(config.num_layers):
             self.register_buffer(f"k{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, device=weight.device, dtype=weight.dtype), persistent=False)
-        blocks = -(-context // block_size)
-        self.register_buffer("key_positions", torch.arange(blocks * block_size, device=weight.device), persistent=False)
+        # The positions of the widest block table: one sequence's whole context.
+        self.register_buffer("key_positions", torch.arange(max_blocks * block_size, device=weight.device),
+                             persistent=False)
 
     def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.model.config.num_layers)]
@@ -219,7 +220,7 @@ class Engine:
             raise ValueError(f"kv_cache_tokens must be at least one block ({BLOCK_SIZE} positions), got {kv_cache_tokens}")
         self.pool = BlockPool(kv_cache_tokens // BLOCK_SIZE, BLOCK_SIZE, prefix_caching)
         self.max_blocks = self.pool.blocks_for(self.context)  # one sequence's block table, at most
-        self.decoder = _Decoder(model, self.pool.num_blocks, BLOCK_SIZE, self.context)
+        self.decoder = _Decoder(model, self.pool.num_blocks, BLOCK_SIZE, self.max_blocks)
         self.decode_step = self.decoder
         # For /metrics: prompt positions looked up in the prefix cache and found there, positions
         # computed by prefill chunks, and sequences preempted.
