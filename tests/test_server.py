@@ -3,14 +3,18 @@
 import contextlib
 import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 
@@ -498,9 +502,9 @@ def test_tokenization_runs_off_the_event_loop(model_dir, monkeypatch):
             real = getattr(engine.tokenizer, name)
             monkeypatch.setattr(engine.tokenizer, name, lambda *a, _real=real, _name=name, **k: (
                 threads.setdefault(_name, threading.current_thread()), _real(*a, **k))[1])
-        real_submit = engine.submit
-        monkeypatch.setattr(engine, "submit", lambda *a, **k: (
-            threads.setdefault("loop", threading.current_thread()), real_submit(*a, **k))[1])
+        real_cancel = engine.cancel  # called by the handler itself, on the event loop's thread
+        monkeypatch.setattr(engine, "cancel", lambda *a, **k: (
+            threads.setdefault("loop", threading.current_thread()), real_cancel(*a, **k))[1])
         assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x = 1", "max_tokens": 1}).status_code == 200
         assert http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1,
                                                        "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
@@ -656,3 +660,66 @@ def test_a_request_longer_than_the_whole_kv_cache_is_a_400_naming_both_numbers(m
         # Without max_tokens a chat may use what the pool leaves, and is served.
         r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200, r.text
+
+
+class Ticket(pydantic.BaseModel):
+    """What the openai client's parse() turns into a strict json_schema response_format."""
+
+    priority: typing.Literal["low", "high"]
+    votes: int = pydantic.Field(ge=0, le=99)
+    closed: bool
+    labels: list[typing.Literal["bug", "docs"]] = pydantic.Field(max_length=3)
+
+
+def test_chat_parse_into_a_pydantic_model(client):
+    for seed in range(5):
+        reply = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "A ticket?"}],
+                                              response_format=Ticket, max_tokens=80, seed=seed)
+        assert reply.choices[0].finish_reason == "stop"
+        assert isinstance(reply.choices[0].message.parsed, Ticket)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["n", "ok"],
+          "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 5}, "ok": {"type": "boolean"}}}
+
+
+def test_response_format_streamed_and_on_completions(client):
+    form = {"type": "json_schema", "json_schema": {"name": "pair", "schema": SCHEMA, "strict": True}}
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], seed=3,
+                                            max_tokens=40, response_format=form, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    done = client.completions.create(model=MODEL, prompt="x", max_tokens=40, seed=3, n=4,
+                                     extra_body={"response_format": {"type": "json_object"}})
+    assert all(isinstance(json.loads(c.text), dict) for c in done.choices if c.finish_reason == "stop")
+    cut = client.completions.create(model=MODEL, prompt="x", max_tokens=3, seed=3, extra_body={"response_format": form})
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+
+
+def test_structured_outputs_choice_and_regex(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "?"}], n=6, seed=1,
+                                           max_tokens=10, extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert {c.message.content for c in reply.choices} <= {"left", "right"}
+    done = client.completions.create(model=MODEL, prompt="id:", max_tokens=20, seed=1,
+                                     extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{2}[0-9]{3}", done.choices[0].text)
+
+
+@pytest.mark.parametrize("extra, param, fragment", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format", "objectx"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs a json_schema field"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "unclosed group"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one of"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern", "Extra inputs"),
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "not both"),
+])
+def test_invalid_constraints_are_400s_naming_the_problem(url, extra, param, fragment):
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "?"}],
+                                                      **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and fragment in error["message"], error
+    _alive(url)

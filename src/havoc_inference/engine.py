@@ -34,6 +34,7 @@ from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_inference.kv_cache import BlockPool, block_name
 from havoc_inference.sampling import SamplingParams, choose, process
+from havoc_inference.structured import Grammars
 
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Sequence:
         self.prompt_ids, self.params = prompt_ids, params
         self.request = request  # every sequence of the request this one belongs to (prompts x n)
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.matcher = None  # an llguidance matcher of params.grammar, if the output is constrained
         self.output_ids: list[int] = []
         self.ids = list(prompt_ids)  # prompt and output: position i of the cache holds ids[i]
         self.prompt_vocab = set(prompt_ids)  # for the repetition penalty
@@ -214,6 +216,7 @@ class Engine:
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.eos_ids = {*config.eos_token_ids, tokenizer.eos_token_id}
         self.device = model.embed_tokens.weight.device
+        self.grammars = Grammars(tokenizer, config.vocab_size)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._default_cache_tokens()
         if kv_cache_tokens < BLOCK_SIZE:
@@ -302,7 +305,8 @@ class Engine:
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                notify: Callable[[Sequence, Event], None] | None = None) -> list[Sequence]:
         """Queue `n` sequences for each prompt, as one request: a failure in any of them ends them all.
-        Events go to `notify(sequence, event)` or each sequence's queue."""
+        Events go to `notify(sequence, event)` or each sequence's queue. A grammar that does not
+        compile raises InvalidConstraint, saying why."""
         vocab = self.model.config.vocab_size
         for prompt_ids in prompts:
             if not prompt_ids:
@@ -318,12 +322,14 @@ class Engine:
                 raise ContextTooLong(f"the prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                                      f"{total} exceeds the whole KV cache of {self.kv_cache_tokens} tokens "
                                      "(--kv-cache-tokens)")
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         request: list[Sequence] = []
         for prompt_ids in prompts:
             for i in range(n):
                 # Same seed, same output, whatever else is running: each sequence draws from its own generator.
                 seed = (params.seed + i) % 2**64 if params.seed is not None else next(self._seeds)
                 seq = Sequence(list(prompt_ids), params, seed, self.device, request)
+                seq.matcher = matcher.deep_copy() if matcher is not None else None
                 if notify is not None:
                     seq.notify = (lambda s: lambda event: notify(s, event))(seq)
                 request.append(seq)
@@ -578,7 +584,15 @@ class Engine:
 
     def _choose(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         params = [s.params for s in sequences]
-        processed = process(logits.clone(), params, [(s.prompt_vocab, s.counts) for s in sequences])
+        logits = logits.clone()
+        constrained = [i for i, s in enumerate(sequences) if s.matcher is not None]
+        if constrained:  # only these rows are masked; the others are left exactly as they were
+            bitmask = self.grammars.masks([sequences[i].matcher for i in constrained],
+                                          [[*self.eos_ids, *sequences[i].params.stop_token_ids] for i in constrained])
+            rows = logits[constrained]
+            self.grammars.apply(rows, bitmask)
+            logits[constrained] = rows
+        processed = process(logits, params, [(s.prompt_vocab, s.counts) for s in sequences])
         return choose(processed, params, [s.generator for s in sequences])
 
     def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
@@ -639,11 +653,14 @@ class Engine:
             seq.output_ids.append(token)
             seq.ids.append(token)
             seq.counts[token] = seq.counts.get(token, 0) + 1
+        if seq.matcher is not None and not stop_token and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its mask allowed: {seq.matcher.get_error()}")
         searched = max(0, len(seq.text) - max((len(s) for s in params.stop), default=0) + 1)
         seq.text += self._new_text(seq)
         # A stop string may span tokens: search the new text and what precedes it; the earliest wins.
         cut = min((at for at in (seq.text.find(stop, searched) for stop in params.stop) if at != -1), default=None)
-        finish = "stop" if stop_token or cut is not None else None
+        # A grammar that is complete and allows nothing more (with ignore_eos, eos was taken) stops too.
+        finish = "stop" if stop_token or cut is not None or (seq.matcher is not None and seq.matcher.is_stopped()) else None
         if finish is None and (len(seq.output_ids) >= params.max_tokens
                                or len(seq.prompt_ids) + len(seq.output_ids) >= self.context):
             finish = "length"

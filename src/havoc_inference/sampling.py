@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
     echo: bool = False  # also return the prompt (and, with logprobs, its log-probabilities)
+    grammar: str | None = None  # an llguidance grammar the output follows (see structured.py)
 
     def __post_init__(self) -> None:
         checks = [

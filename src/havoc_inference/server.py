@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from havoc_core.pretrained import load_model_and_tokenizer
 from havoc_inference.engine import ContextTooLong, Draining, Engine, Event, QueueFull, Sequence, TokenLogprob
 from havoc_inference.sampling import InvalidParameter, SamplingParams
+from havoc_inference.structured import InvalidConstraint, grammar
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -70,6 +71,32 @@ def _check_text(value: Any, path: str) -> None:
 
 
 # Request bodies. Sampling fields beyond OpenAI's (top_k, min_p, repetition_penalty, ...) follow vLLM's names.
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field({}, alias="schema")  # absent: any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's: plain text, any JSON object, or JSON valid under a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (an extra field): exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")  # a JSON schema
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | None = None  # the output is one of these
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -88,6 +115,8 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -289,6 +318,39 @@ class Server:
                            param="model", code="model_not_found")
 
 
+def _grammar(body: _Sampling) -> str | None:
+    """The llguidance grammar of the request's `response_format` or `structured_outputs`, if any."""
+    form = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
+    outputs = body.structured_outputs
+    if form is not None and outputs is not None:
+        raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    try:
+        if form is not None and form.type == "json_object":
+            return grammar("json_object")
+        if form is not None:
+            if form.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs a json_schema field "
+                                    "({\"name\": ..., \"schema\": ...})", param="response_format.json_schema")
+            # strict: false lets llguidance skip the schema keywords it cannot enforce.
+            return grammar("json_schema", form.json_schema.schema_, lenient=form.json_schema.strict is False)
+        if outputs is not None:
+            given = {kind: value for kind, value in (("json", outputs.json_), ("regex", outputs.regex),
+                                                     ("choice", outputs.choice), ("grammar", outputs.grammar))
+                     if value is not None}
+            if len(given) != 1:
+                raise APIError(400, f"structured_outputs takes exactly one of json, regex, choice, grammar; got "
+                                    f"{', '.join(given) or 'none'}", param="structured_outputs")
+            (kind, value), = given.items()
+            return grammar(kind, value)
+    except InvalidConstraint as e:
+        raise APIError(400, f"{_constraint_field(body)}: {e}", param=_constraint_field(body)) from None
+    return None
+
+
+def _constraint_field(body: _Sampling) -> str:
+    return "structured_outputs" if body.structured_outputs is not None else "response_format"
+
+
 def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, echo: bool,
                      extra_stop_ids: list[int], max_tokens_field: str = "max_tokens") -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -297,7 +359,7 @@ def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, ech
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
             min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, stop=stop, stop_token_ids=body.stop_token_ids + extra_stop_ids,
-            ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs, echo=echo,
+            ignore_eos=body.ignore_eos, seed=body.seed, logprobs=logprobs, echo=echo, grammar=_grammar(body),
         )
     except InvalidParameter as e:
         param = max_tokens_field if e.param == "max_tokens" else e.param
@@ -481,8 +543,11 @@ async def _run(server: Server, engine: Engine, request: Request, kind: str, prom
     events: asyncio.Queue[tuple[Sequence, Event]] = asyncio.Queue()
     started = time.perf_counter()
     try:
-        sequences = engine.submit(prompts, params, body.n,
-                                  notify=lambda s, e: loop.call_soon_threadsafe(events.put_nowait, (s, e)))
+        # In a thread: compiling a large grammar takes a while.
+        sequences = await asyncio.to_thread(engine.submit, prompts, params, body.n,
+                                            notify=lambda s, e: loop.call_soon_threadsafe(events.put_nowait, (s, e)))
+    except InvalidConstraint as e:
+        raise APIError(400, f"{_constraint_field(body)}: {e}", param=_constraint_field(body)) from None
     except ContextTooLong as e:
         raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
     except QueueFull as e:

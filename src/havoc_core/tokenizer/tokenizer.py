@@ -238,10 +238,14 @@ class HavocTokenizer:
     eos_token_id = property(lambda self: SPECIAL_TOKENS.index(EOS))
     end_token_id = property(lambda self: SPECIAL_TOKENS.index(END))
 
+    def to_str(self) -> str:
+        """The tokenizer as Hugging Face `tokenizers` JSON (what tokenizer.json holds)."""
+        return self._with_specials.to_str()
+
     @property
     def sha256(self) -> str:
         """A fingerprint of the vocabulary and merges: data prepared with another tokenizer differs."""
-        return hashlib.sha256(self._with_specials.to_str().encode()).hexdigest()
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
 
 
 def _check_messages(messages: Sequence[dict]) -> Iterator[tuple[str, str]]:
