@@ -40,6 +40,9 @@ bench: $(STAMP)
 	$(VENV)/bin/havoc bench small --repeats 7 --json runs/bench/core.json --chart runs/bench/core.png
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_grammar.py
+	# Trains a small-preset target and a tiny draft on the demo's data first (~20 min; cached in runs/).
+	$(PY) benchmarks/bench_speculative.py
 
 # On a machine with a CUDA GPU: its own python and torch (never reinstalled), HAVOC from src/.
 # Tests marked cuda, the 7B shape beside HF, 1B training tokens/s and MFU; results in GPU_CHECK_OUT.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -28,6 +27,7 @@ import torch
 from havoc_core.config import HavocConfig
 from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
+from havoc_eval.bench import cpu_model
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 from havoc_inference.structured import grammar
@@ -48,14 +48,6 @@ SCHEMAS = {
          "items": [{"sku": "A-113", "qty": 2, "state": "shipped"}, {"sku": "B-7", "qty": 0.5, "state": "open"},
                    {"sku": "C-42", "qty": 12, "state": "returned"}]}),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def _llguidance(tok: HavocTokenizer, vocab: int, schema: dict, ids: list[int]) -> tuple[float, list[float]]:

@@ -105,13 +105,17 @@ def test_completion_text_and_token_prompts(client, tokenizer):
     assert text.usage.prompt_tokens == len(ids) and text.usage.total_tokens == len(ids) + text.usage.completion_tokens
 
 
-def test_greedy_completion_equals_model_generate(client, model_dir, tokenizer):
+def _assert_greedy_is_generate(client, model_dir, tokenizer, tokens):
     model = HavocModel.load_pretrained(model_dir)
     prompt = tokenizer.encode("import os\n")
-    out = model.generate([prompt], max_new_tokens=12, eos_token_id=None)[0, len(prompt):].tolist()
-    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+    out = model.generate([prompt], max_new_tokens=tokens, eos_token_id=None)[0, len(prompt):].tolist()
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=tokens, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert got.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_greedy_completion_equals_model_generate(client, model_dir, tokenizer):
+    _assert_greedy_is_generate(client, model_dir, tokenizer, 12)
 
 
 def _chat_reference(model_dir, tokenizer, messages, max_tokens):
@@ -292,15 +296,20 @@ def test_api_key(model_dir):
         proc.wait(timeout=30)
 
 
+def _assert_load_fails(url, fragment):
+    """The server never loads its model: /health is 503 and says why."""
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/health").json()["status"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = httpx.get(f"{url}/health")
+    assert r.status_code == 503 and fragment in r.json()["detail"]
+
+
 def test_health_is_503_until_the_model_loads(tmp_path):
     (tmp_path / "config.json").write_text("{broken")  # never loads: /health says why, the API answers 503
     proc, url = _start(tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{url}/health").json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        r = httpx.get(f"{url}/health")
-        assert r.status_code == 503 and "config.json" in r.json()["detail"]
+        _assert_load_fails(url, "config.json")
         assert httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 503
     finally:
         proc.terminate()
@@ -723,3 +732,30 @@ def test_invalid_constraints_are_400s_naming_the_problem(url, extra, param, frag
     error = r.json()["error"]
     assert error["param"] == param and fragment in error["message"], error
     _alive(url)
+
+
+def test_speculative_serving_with_a_draft(model_dir, tokenizer, tmp_path_factory, corpus_files):
+    """--speculate with --draft (here the model itself, so every guess is accepted): greedy output is
+    the model's own, and /metrics counts the guesses."""
+    proc, url = _start(model_dir, "--speculate", "3", "--draft", str(model_dir))
+    try:
+        _wait_ready(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        _assert_greedy_is_generate(client, model_dir, tokenizer, 20)
+        accepted = _metric(url, "havoc_speculative_accepted_tokens_total")
+        assert accepted == _metric(url, "havoc_speculative_draft_tokens_total") and accepted > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    from havoc_core.tokenizer import Corpus, HavocTokenizer
+
+    other = tmp_path_factory.mktemp("other") / "draft"
+    other_tokenizer = HavocTokenizer.train(Corpus(corpus_files[:5]), vocab_size=tokenizer.vocab_size)
+    HavocModel(dataclasses.replace(HavocConfig.havoc_tiny(), vocab_size=other_tokenizer.vocab_size)).save_pretrained(other)
+    other_tokenizer.save(other)
+    proc, url = _start(model_dir, "--speculate", "3", "--draft", str(other))
+    try:
+        _assert_load_fails(url, "another tokenizer")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

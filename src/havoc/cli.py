@@ -189,11 +189,14 @@ def _bench(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from havoc_inference.server import serve
 
+    if args.draft and not args.speculate:
+        raise ValueError("--draft needs --speculate K: the tokens the draft guesses per step")
     serve(args.checkpoint, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
           tokenizer=args.tokenizer, model_name=args.model_name, api_key=args.api_key, slots=args.slots,
           context=args.context, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
           max_queue=args.max_queue, max_seqs_per_request=args.max_seqs_per_request,
-          kv_cache_tokens=args.kv_cache_tokens, prefix_caching=not args.no_prefix_cache, step_tokens=args.step_tokens)
+          kv_cache_tokens=args.kv_cache_tokens, prefix_caching=not args.no_prefix_cache, step_tokens=args.step_tokens,
+          speculate=args.speculate, draft=args.draft)
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
@@ -361,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--step-tokens", type=int, default=256,
                        help="positions one engine step computes: one per decoding sequence, the rest for a "
                             "prompt chunk (at least one position; keep it well above --slots)")
+    serve.add_argument("--speculate", type=int, default=0, metavar="K",
+                       help="speculative decoding: guess up to K tokens a step (by prompt lookup unless --draft) "
+                            "and verify them in one forward pass; greedy output is unchanged")
+    serve.add_argument("--draft", metavar="MODEL", help="a smaller model folder with the same tokenizer that makes "
+                                                        "the guesses (needs --speculate)")
     serve.add_argument("--device", default="cpu")
     _add_precision_arguments(serve)
     serve.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")

@@ -12,6 +12,11 @@ and then decodes one token for every sequence at once: a step of fixed batch siz
 so CUDA-graph trees replay the compiled step (they skip graphs that mutate inputs other than
 parameters and buffers). Sampling runs for all rows together on the weights' device, with one host
 transfer per step. Sequences join and leave between steps.
+
+With speculation (speculate K > 0) each decoding row also carries up to K guessed tokens, from
+prompt lookup or a draft model (see speculative.py), and the step verifies them all; a row keeps
+the guesses the model accepts and one token more. Rows under a grammar (structured.py) have the
+tokens it forbids masked before sampling.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from havoc_core.model import HavocModel
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_inference.kv_cache import BlockPool, block_name
 from havoc_inference.sampling import SamplingParams, choose, process
+from havoc_inference.speculative import PromptLookup, accept
 from havoc_inference.structured import Grammars
 
 
@@ -98,6 +104,8 @@ class Sequence:
         self.blocks: list[int] = []  # its block table: the pool's blocks holding positions 0, 16, 32, ...
         self.names: list[bytes] = []  # the prefix names of its full blocks (prefix caching)
         self.computed = 0  # positions whose keys and values are in the cache
+        self.draft_computed = 0  # the same for the draft model's cache (speculative decoding)
+        self.lookup = PromptLookup()  # its n-gram index, for prompt-lookup speculation
         self.text = ""  # the output decoded so far (whole characters only)
         self.decoded = self.undecoded = 0  # see _new_text
         self.emitted = 0  # characters of `text` already reported
@@ -137,7 +145,7 @@ class _Decoder(nn.Module):
 
     def __init__(self, model: HavocModel, num_blocks: int, block_size: int, max_blocks: int):
         super().__init__()
-        self.model, self.block_size = model, block_size
+        self.model, self.block_size, self.spare = model, block_size, num_blocks
         config, weight = model.config, model.embed_tokens.weight
         shape = (num_blocks + 1, block_size, config.attention.num_kv_heads, config.head_dim)
         for i in range(config.num_layers):
@@ -151,15 +159,19 @@ class _Decoder(nn.Module):
         return [(getattr(self, f"k{i}"), getattr(self, f"v{i}")) for i in range(self.model.config.num_layers)]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-                all_logits: bool = False) -> torch.Tensor:
-        """Logits for `tokens` [rows, seq] at `positions`, each row reading and writing the cache
-        through its block table [rows, blocks]: a prefill chunk of one sequence, or one decode
-        token in each row."""
+                all_logits: bool = True) -> torch.Tensor:
+        """Logits for `tokens` [rows, seq] at `positions` (or at the last only), each row reading
+        and writing the cache through its block table [rows, blocks]: a prefill chunk of one
+        sequence, one decode token in each row, or a row's last token and its guesses (speculative
+        decoding). Position -1 is padding: computed as position 0, written to the spare block."""
         model = self.model
+        size = self.block_size
+        padding = positions < 0
+        positions = positions.clamp(min=0)
         x = model.embed_tokens(tokens)
         rope = model.rotary(positions)
-        size = self.block_size
         index = tables.gather(1, positions // size) * size + positions % size  # where each new position goes
+        index = torch.where(padding, self.spare * size, index)
         keys = self.key_positions[: tables.shape[1] * size]
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
         for layer, (k, v) in zip(model.layers, self.caches()):
@@ -168,6 +180,7 @@ class _Decoder(nn.Module):
 
 
 RECOMPILE_LIMIT = 256  # graphs of the compiled step: one per batch size and engine
+MAX_SPECULATE = 15  # guesses per step: 16 positions per row at most
 
 # Up to this many rows the multiply-and-sum form wins; at 16 rows the BLAS call does (578 vs 440 tok/s measured).
 ROW_LINEAR_MAX_ROWS = 4
@@ -197,14 +210,21 @@ BLOCK_SIZE = 16  # positions per cache block (vLLM's default)
 KV_MEMORY_FRACTION = 0.8  # on CUDA, of the memory free once the weights are loaded
 
 
+def _penalised(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
 class Engine:
     def __init__(self, model: HavocModel, tokenizer: HavocTokenizer, slots: int = 8, context: int | None = None,
                  step_tokens: int = 256, compile: bool = False, max_queue: int | None = None,
-                 kv_cache_tokens: int | None = None, prefix_caching: bool = True):
+                 kv_cache_tokens: int | None = None, prefix_caching: bool = True, speculate: int = 0,
+                 draft: HavocModel | None = None):
         """`slots` sequences run at once, each of at most `context` positions, in a pool of
         `kv_cache_tokens` positions (default: slots x context on the CPU; on CUDA, what fits in
         KV_MEMORY_FRACTION of free memory, up to that). A step computes about `step_tokens`
-        positions: one per decoding sequence, the rest (at least one) for a prefill chunk."""
+        positions: one per decoding sequence, the rest (at least one) for a prefill chunk.
+        `speculate` K > 0 guesses up to K tokens per sequence and step, by prompt lookup or with
+        the `draft` model (same tokenizer), and verifies them in one forward pass."""
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         self.context = context or config.max_seq_len
@@ -212,6 +232,17 @@ class Engine:
             raise ValueError(f"context {self.context} exceeds the model's max_seq_len {config.max_seq_len}")
         if step_tokens < 1:
             raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
+        if not 0 <= speculate <= MAX_SPECULATE:
+            raise ValueError(f"speculate must be between 0 and {MAX_SPECULATE} tokens, got {speculate}")
+        if draft is not None and not speculate:
+            raise ValueError("a draft model needs speculate K > 0: the tokens it guesses per step")
+        if draft is not None and draft.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the target's "
+                             f"({config.vocab_size}): it must use the same tokenizer")
+        if draft is not None and draft.config.max_seq_len < self.context:
+            raise ValueError(f"the draft model's max_seq_len ({draft.config.max_seq_len}) is shorter than the "
+                             f"context ({self.context}): give a smaller context or a draft with a longer one")
+        self.speculate = speculate
         self.slots, self.step_tokens = slots, step_tokens
         self.max_queue = 4 * slots if max_queue is None else max_queue
         self.eos_ids = {*config.eos_token_ids, tokenizer.eos_token_id}
@@ -225,9 +256,21 @@ class Engine:
         self.max_blocks = self.pool.blocks_for(self.context)  # one sequence's block table, at most
         self.decoder = _Decoder(model, self.pool.num_blocks, BLOCK_SIZE, self.max_blocks)
         self.decode_step = self.decoder
+        # The draft model's cache: a pool of its own, read and written through the target's block tables.
+        self.draft = None
+        if draft is not None:
+            weight = model.embed_tokens.weight
+            self.draft = _Decoder(draft.to(device=weight.device, dtype=weight.dtype).eval(), self.pool.num_blocks,
+                                  BLOCK_SIZE, self.max_blocks)
+        self.draft_step = self._draft_last
+        if compile and draft is not None:
+            # Its batch (the guessing rows) and catch-up length vary: dynamo makes those sizes dynamic.
+            self.draft_step = torch.compile(self._draft_last if self.device.type == "cuda" else self._draft_rows,
+                                            fullgraph=True)
         # For /metrics: prompt positions looked up in the prefix cache and found there, positions
-        # computed by prefill chunks, and sequences preempted.
+        # computed by prefill chunks, sequences preempted, and guessed tokens proposed and accepted.
         self.prefix_queries = self.prefix_hits = self.prefill_tokens = self.preemptions = 0
+        self.draft_tokens = self.accepted_tokens = 0
         # dynamic=False: each batch size is its own graph, compiled once at warm-up; only the block
         # tables' width is marked dynamic (see _run_decode).
         if compile:
@@ -277,6 +320,7 @@ class Engine:
         return min(self.max_blocks, max(2, 1 << (blocks - 1).bit_length()))
 
     def _run_decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, columns, vocab]: a row's one decode token, or its last token and guesses."""
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(tables, 1)
         return self.decode_step(tokens, positions, tables)
@@ -291,15 +335,20 @@ class Engine:
         rows = 1
         while True:
             rows = min(rows, self.slots)
-            for width in widths:
-                tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
-                positions = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+            for width, columns in itertools.product(widths, sorted({1, 1 + self.speculate})):
+                tokens = torch.zeros((rows, columns), dtype=torch.long, device=self.device)
+                positions = torch.zeros((rows, columns), dtype=torch.long, device=self.device)
                 tables = torch.full((rows, width), self.pool.num_blocks, device=self.device)
                 for _ in range(3):  # cudagraph trees record on the second call and replay from the third
                     self._run_decode(tokens, positions, tables)
             if rows == self.slots:
-                return
+                break
             rows *= 2
+        if self.draft is not None and self.compiled:  # two sizes of each dimension: dynamo then makes them dynamic
+            for rows, length in itertools.product(sorted({1, min(2, self.slots)}), (1, 2)):
+                tables = torch.full((rows, self.max_blocks), self.pool.num_blocks, device=self.device)
+                zeros = torch.zeros((rows, length), dtype=torch.long, device=self.device)
+                self._run_draft(zeros, zeros, tables)
 
     # Requests.
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
@@ -494,6 +543,7 @@ class Engine:
                 return
             self.waiting.popleft()
             seq.blocks, seq.names, seq.computed = blocks, names, len(blocks) * BLOCK_SIZE
+            seq.draft_computed = seq.computed  # the draft's keys and values are in the same blocks of its pool
             self.prefix_queries += len(seq.ids)
             self.prefix_hits += seq.computed
             seq.slot = free.pop(0)
@@ -505,7 +555,7 @@ class Engine:
         with self.lock:
             del self.running[seq.slot]
             self.pool.release(seq.blocks)
-            seq.slot, seq.blocks, seq.names, seq.computed = None, [], [], 0
+            seq.slot, seq.blocks, seq.names, seq.computed, seq.draft_computed = None, [], [], 0, 0
             self.waiting.appendleft(seq)
         self.preemptions += 1
         logger.info("KV cache full: sequence %d preempted at %d positions", seq.id, len(seq.ids))
@@ -537,6 +587,19 @@ class Engine:
                                         seq.ids[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]))
             self.pool.name(seq.blocks[i], seq.names[-1])
 
+    def _draft_last(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return self.draft(tokens, positions, tables, all_logits=False)
+
+    def _draft_rows(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        with _RowLinear():
+            return self._draft_last(tokens, positions, tables)
+
+    def _run_draft(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """The draft's logits [rows, vocab] after the last of `tokens` [rows, seq]."""
+        if self.compiled:
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+        return self.draft_step(tokens, positions, tables)[:, -1].float()
+
     def _decode_step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         with _RowLinear():
             return self.decoder(tokens, positions, tables)
@@ -553,6 +616,9 @@ class Engine:
         tables = torch.tensor([seq.blocks[:blocks]], device=self.device)
         echo = seq.prompt_logprobs is not None
         logits = self.decoder(tokens, positions, tables, all_logits=echo)[0].float()
+        if self.draft is not None and seq.draft_computed == start:
+            self.draft(tokens, positions, tables, all_logits=False)
+            seq.draft_computed = end
         seq.computed = end
         self.prefill_tokens += end - start
         self._name_blocks(seq)
@@ -566,67 +632,178 @@ class Engine:
         # Decode the first `rows` slots only: the smallest power of two (capped at slots) that holds
         # every busy slot. Slots are handed out lowest first, so one request decodes as batch 1;
         # each size is one fixed shape, compiled once. Idle rows write to the spare block.
+        # With speculation each row has 1 + K columns: its last token and its guesses, then padding.
         rows = min(self.slots, 1 << max(s.slot for s in decoding).bit_length())
+        guesses, draft_probs = self._guess(decoding) if self.speculate else ([[] for _ in decoding], None)
+        columns = 1 + self.speculate if any(guesses) else 1
         width = self._width(max(len(s.blocks) for s in decoding))
-        tokens = [self.model.config.pad_token_id] * rows
-        positions = [0] * rows
+        tokens = [[self.model.config.pad_token_id] * columns for _ in range(rows)]
+        positions = [[-1] * columns for _ in range(rows)]
         tables = [[self.pool.num_blocks] * width for _ in range(rows)]
-        for seq in decoding:
-            tokens[seq.slot], positions[seq.slot] = seq.ids[-1], len(seq.ids) - 1
+        for seq, guess in zip(decoding, guesses):
+            tokens[seq.slot][: 1 + len(guess)] = [seq.ids[-1], *guess]
+            positions[seq.slot][: 1 + len(guess)] = range(len(seq.ids) - 1, len(seq.ids) + len(guess))
             tables[seq.slot][: len(seq.blocks)] = seq.blocks
-        logits = self._run_decode(torch.tensor(tokens, device=self.device)[:, None],
-                                  torch.tensor(positions, device=self.device)[:, None],
-                                  torch.tensor(tables, device=self.device))[:, 0].float()
-        for seq in decoding:
-            seq.computed += 1
-            self._name_blocks(seq)
-        self._accept(decoding, logits[[seq.slot for seq in decoding]])
+        logits = self._run_decode(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                                  torch.tensor(tables, device=self.device))
+        self._accept(decoding, logits[[seq.slot for seq in decoding]].float(), guesses, draft_probs)
 
-    def _choose(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    def _budget(self, seq: Sequence) -> int:
+        """How many tokens to guess for `seq` this step, with blocks for them (none are preempted for this)."""
+        if seq.matcher is not None:  # a guess would need the grammar's word too: constrained rows do not guess
+            return 0
+        # A step gives the accepted guesses and one token more, within max_tokens and the context.
+        k = min(self.speculate, seq.params.max_tokens - len(seq.output_ids) - 1, self.context - len(seq.ids) - 1)
+        if k <= 0:
+            return 0
+        need = self.pool.blocks_for(len(seq.ids) + k) - len(seq.blocks)
+        if need > self.pool.available:
+            return max(0, min(k, len(seq.blocks) * BLOCK_SIZE - len(seq.ids)))
+        seq.blocks += [self.pool.allocate() for _ in range(need)]
+        return k
+
+    def _guess(self, decoding: list[Sequence]) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Each sequence's guesses, and with a draft model the distributions they were drawn from."""
+        budgets = [self._budget(seq) for seq in decoding]
+        if self.draft is None:
+            return [seq.lookup.propose(seq.ids, k) if k else [] for seq, k in zip(decoding, budgets)], None
+        return self._draft_guesses(decoding, budgets)
+
+    def _draft_guesses(self, decoding: list[Sequence], budgets: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+        """Run the draft model over what it has not seen of each guessing row, then once per guess.
+
+        Its cache is read and written through the rows' block tables; rows that have no more to
+        guess are padding (position -1). Guesses are drawn as the row's own tokens would be (its
+        sampling parameters, its generator), and their distributions are kept for acceptance."""
+        guesses: list[list[int]] = [[] for _ in decoding]
+        vocab = self.model.config.vocab_size
+        draft_probs = torch.zeros((len(decoding), self.speculate, vocab), device=self.device)
+        chosen = [i for i, k in enumerate(budgets) if k]
+        if not chosen:
+            return guesses, draft_probs
+        seqs = [decoding[i] for i in chosen]
+        pad = self.model.config.pad_token_id
+        pending = [seq.ids[seq.draft_computed :] for seq in seqs]
+        longest = max(map(len, pending))
+        width = self._width(max(len(seq.blocks) for seq in seqs))
+        tables = torch.tensor([seq.blocks + [self.pool.num_blocks] * (width - len(seq.blocks)) for seq in seqs],
+                              device=self.device)
+        tokens = [[pad] * (longest - len(p)) + p for p in pending]
+        positions = [[-1] * (longest - len(p)) + list(range(seq.draft_computed, len(seq.ids)))
+                     for seq, p in zip(seqs, pending)]
+        logits = self._run_draft(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                                 tables)
+        for seq in seqs:
+            seq.draft_computed = len(seq.ids)
+        params = [seq.params for seq in seqs]
+        greedy = all(p.greedy for p in params)  # then acceptance compares argmaxes: no distributions needed
+        for j in range(max(budgets)):
+            processed = process(logits, params, [(seq.prompt_vocab, seq.counts) for seq in seqs])
+            if greedy:
+                drawn = processed.argmax(-1)
+            else:
+                draft_probs[chosen, j] = processed.softmax(-1)
+                drawn = choose(processed, params, [seq.generator for seq in seqs])[0]
+            for i, token in zip(chosen, drawn.tolist()):
+                if j < budgets[i]:
+                    guesses[i].append(token)
+            going = [j + 1 < budgets[i] for i in chosen]
+            if not any(going):
+                break
+            positions = torch.tensor([[len(seq.ids) + j if go else -1] for seq, go in zip(seqs, going)],
+                                     device=self.device)
+            logits = self._run_draft(drawn[:, None], positions, tables)
+            for seq, go in zip(seqs, going):
+                seq.draft_computed += go
+        return guesses, draft_probs
+
+    def _choose(self, sequences: list[Sequence], logits: torch.Tensor, guesses: list[list[int]],
+                draft_probs: torch.Tensor | None) -> torch.Tensor:
+        """[3, rows]: each row's count of accepted guesses, the token it continues with, and whether
+        it could be sampled at all. logits: raw, [rows, columns, vocab]."""
         params = [s.params for s in sequences]
         logits = logits.clone()
         constrained = [i for i, s in enumerate(sequences) if s.matcher is not None]
-        if constrained:  # only these rows are masked; the others are left exactly as they were
+        if constrained:  # only these rows are masked (they never guess); the others are left exactly as they were
             bitmask = self.grammars.masks([sequences[i].matcher for i in constrained],
                                           [[*self.eos_ids, *sequences[i].params.stop_token_ids] for i in constrained])
-            rows = logits[constrained]
+            rows = logits[constrained, 0]
             self.grammars.apply(rows, bitmask)
-            logits[constrained] = rows
-        processed = process(logits, params, [(s.prompt_vocab, s.counts) for s in sequences])
-        return choose(processed, params, [s.generator for s in sequences])
+            logits[constrained, 0] = rows
+        columns = logits.shape[1]
+        if columns == 1:
+            token, ok = choose(process(logits[:, 0], params, [(s.prompt_vocab, s.counts) for s in sequences]),
+                               params, [s.generator for s in sequences])
+            return torch.stack((torch.zeros_like(token), token, ok))
+        # Every column is processed with the history it follows: the output so far and the guesses before it.
+        histories = []
+        for seq, guess in zip(sequences, guesses):
+            counts = seq.counts
+            for j in range(columns):
+                histories.append((seq.prompt_vocab, counts))
+                if j < len(guess) and _penalised(seq.params):
+                    counts = {**counts, guess[j]: counts.get(guess[j], 0) + 1}
+        processed = process(logits.flatten(0, 1), [p for p in params for _ in range(columns)], histories)
+        processed = processed.reshape(logits.shape)
+        k, device = columns - 1, logits.device
+        drafts = torch.tensor([g + [0] * (k - len(g)) for g in guesses], device=device)
+        counts = torch.tensor([len(g) for g in guesses], device=device)
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        noise = torch.full((len(sequences), k + logits.shape[-1]), 0.5, device=device)
+        for row, (p, seq) in enumerate(zip(params, sequences)):
+            if not p.greedy:
+                noise[row].uniform_(generator=seq.generator)
+        accepted, token = accept(processed, drafts, counts, greedy, draft_probs, noise)
+        finite = ~processed.isnan().any(-1) & (processed.amax(-1) > float("-inf"))
+        return torch.stack((accepted, token, (greedy | finite.all(-1)).long()))
 
-    def _accept(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose the next token of each sequence from its raw logits row and report it.
+    def _accept(self, sequences: list[Sequence], logits: torch.Tensor, guesses: list[list[int]],
+                draft_probs: torch.Tensor | None = None) -> None:
+        """Choose what each sequence goes on with, from its raw logits [columns, vocab]: the guesses
+        accepted and one token more (just that token when it guessed nothing), and report them.
 
         All rows are processed and drawn together on the device; the tokens (and whether each row
         could be sampled) come to the host in one transfer, the log-probabilities in one more.
         A failure ends only the request of the sequence it came from."""
         try:
-            picks = self._choose(sequences, logits).T.tolist()
+            picks = self._choose(sequences, logits, guesses, draft_probs).T.tolist()
         except Exception:  # find whose request failed: each row on its own (a transfer each, only here)
             picks = []
-            for seq, row in zip(sequences, logits):
+            for i, seq in enumerate(sequences):
                 try:
-                    picks.append(self._choose([seq], row[None])[:, 0].tolist())
+                    picks.append(self._choose([seq], logits[i : i + 1], guesses[i : i + 1],
+                                              None if draft_probs is None else draft_probs[i : i + 1])[:, 0].tolist())
                 except Exception as e:
                     logger.exception("request of sequence %d failed", seq.id)
                     self._fail(seq.request, e)
                     picks.append(None)
         accepted = []
-        for seq, row, pick in zip(sequences, logits, picks):
+        for seq, rows, guess, pick in zip(sequences, logits, guesses, picks):
             if pick is None or seq.finish_reason is not None:  # a failed neighbour of the same request ended it
                 continue
-            token, ok = pick
+            taken, token, ok = pick
             if not ok:
                 self._fail(seq.request, FloatingPointError(
                     "the next-token probabilities are not finite (NaN or infinite logits): nothing can be sampled"))
                 continue
-            accepted.append((seq, row, token))
-        logprobs = self._logprobs([(row, token, seq.params.logprobs) for seq, row, token in accepted
-                                   if seq.params.logprobs is not None])
-        for seq, _, token in accepted:
+            self.draft_tokens += len(guess)
+            self.accepted_tokens += taken
+            accepted.append((seq, rows, [*guess[:taken], token]))
+        logprobs = self._logprobs([(rows[j], token, seq.params.logprobs) for seq, rows, tokens in accepted
+                                   if seq.params.logprobs is not None for j, token in enumerate(tokens)])
+        for seq, _, tokens in accepted:
+            for token in tokens:
+                if seq.finish_reason is None:
+                    self._guarded(seq, self._report, token, logprobs.pop(0) if seq.params.logprobs is not None else None)
+                elif seq.params.logprobs is not None:
+                    logprobs.pop(0)
             if seq.finish_reason is None:
-                self._guarded(seq, self._report, token, logprobs.pop(0) if seq.params.logprobs is not None else None)
+                # The cache now holds the last token and the accepted guesses; what follows them is
+                # stale (refused guesses), to be overwritten.
+                seq.computed = len(seq.ids) - 1
+                seq.draft_computed = min(seq.draft_computed, seq.computed)
+                self._name_blocks(seq)
+
     @staticmethod
     def _logprobs(rows: list[tuple[torch.Tensor, int, int]]) -> list[TokenLogprob]:
         """Of the model's own distribution, as OpenAI reports them: each (logits, token, top k) row's

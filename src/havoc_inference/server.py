@@ -28,7 +28,9 @@ from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from havoc_core.model import HavocModel
 from havoc_core.pretrained import load_model_and_tokenizer
+from havoc_core.tokenizer import HavocTokenizer
 from havoc_inference.engine import ContextTooLong, Draining, Engine, Event, QueueFull, Sequence, TokenLogprob
 from havoc_inference.sampling import InvalidParameter, SamplingParams
 from havoc_inference.structured import InvalidConstraint, grammar
@@ -256,7 +258,9 @@ class _EngineCounters:
     COUNTERS = [("havoc_prefix_cache_queries", "Prompt positions looked up in the prefix cache", "prefix_queries"),
                 ("havoc_prefix_cache_hits", "Prompt positions found in the prefix cache", "prefix_hits"),
                 ("havoc_prefill_tokens", "Positions computed by prefill chunks", "prefill_tokens"),
-                ("havoc_preemptions", "Sequences preempted for KV cache space (recomputed later)", "preemptions")]
+                ("havoc_preemptions", "Sequences preempted for KV cache space (recomputed later)", "preemptions"),
+                ("havoc_speculative_draft_tokens", "Tokens guessed by speculative decoding", "draft_tokens"),
+                ("havoc_speculative_accepted_tokens", "Guessed tokens the target model accepted", "accepted_tokens")]
 
     def __init__(self, server: Server):
         self.server = server
@@ -298,7 +302,10 @@ class Server:
             try:
                 model, tok = load_model_and_tokenizer(checkpoint, tokenizer, device=device, dtype=dtype,
                                                       quantize=quantize)
-                engine = Engine(model, tok, **engine_options)
+                options = dict(engine_options)
+                if options.get("draft") is not None:
+                    options["draft"] = _load_draft(options["draft"], tok, device, dtype)
+                engine = Engine(model, tok, **options)
                 engine.start(warm_up=engine.compiled)  # /health stays 503 until every batch size is compiled
                 self.engine = engine
             except Exception as e:  # reported by /health; the process stays up to say why
@@ -351,6 +358,15 @@ def _constraint_field(body: _Sampling) -> str:
     return "structured_outputs" if body.structured_outputs is not None else "response_format"
 
 
+def _load_draft(directory: str, target_tokenizer: HavocTokenizer, device: str, dtype: str | None) -> HavocModel:
+    """The draft model of --draft: its tokenizer must be the target's, token for token."""
+    draft, tok = load_model_and_tokenizer(directory, device=device, dtype=dtype)
+    if tok.sha256 != target_tokenizer.sha256:
+        raise ValueError(f"the draft model {directory} has another tokenizer than the served model; "
+                         "a draft must share the target's tokenizer")
+    return draft
+
+
 def _sampling_params(body: _Sampling, max_tokens: int, logprobs: int | None, echo: bool,
                      extra_stop_ids: list[int], max_tokens_field: str = "max_tokens") -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -371,7 +387,8 @@ def create_app(checkpoint: str, tokenizer: str | None = None, model_name: str | 
                max_body_bytes: int = MAX_BODY_BYTES, max_seqs_per_request: int | None = None, slots: int = 8,
                **engine_options) -> FastAPI:
     """The ASGI app. `engine_options` go to the Engine (context, compile, max_queue: the sequences
-    that may wait, past which requests get 429, kv_cache_tokens, prefix_caching, step_tokens);
+    that may wait, past which requests get 429, kv_cache_tokens, prefix_caching, step_tokens,
+    speculate; draft, a model folder, is loaded beside the model);
     `max_seqs_per_request` bounds prompts x n of one request (default: slots)."""
     server = Server(checkpoint, tokenizer, model_name, device, dtype, quantize, max_seqs_per_request,
                     {"slots": slots, **engine_options})
