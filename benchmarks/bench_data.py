@@ -1,8 +1,8 @@
 """Tokenizer and data pipeline throughput on the embedded corpus (the standard library's source).
 
 - tokenizer training speed (MB/s) and compression (bytes/token) on held-out documents;
-- `prepare` MB/s beside the raw `tokenizers` encode_batch_fast on the same documents (its ceiling:
-  no file reading, no splitting, no writing), timed alternately;
+- `prepare` MB/s with one worker and with one per core, beside the raw `tokenizers`
+  encode_batch_fast on the same documents (no file reading, no splitting, no writing), taking turns;
 - the loader's cost per batch beside one training step of the small preset that consumes it.
 
     .venv/bin/python benchmarks/bench_data.py [--vocab-size 70000] [--repeats 3]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -48,21 +49,26 @@ def main() -> None:
     rows.append(("tokenizer train", f"{train_mb / seconds:.1f} MB/s", f"{train_mb:.1f} MB, vocab {args.vocab_size}, {seconds:.1f}s"))
     rows.append(("compression, held-out", f"{tokenizer.bytes_per_token(held_out):.2f} bytes/token", f"{len(held_out)} documents"))
 
-    raw = tokenizer._plain  # the `tokenizers` object itself: the reference
-    times = {"prepare": [], "raw": []}
-    for i in range(args.repeats):
-        for name in ("prepare", "raw")[:: 1 if i % 2 == 0 else -1]:
+    raw = tokenizer._plain  # the `tokenizers` object itself (its own threads, one per core): the reference
+    cores = os.cpu_count() or 1
+    runs = {"1 worker": 1, f"{cores} workers": cores, "raw": None}
+    times = {name: [] for name in runs}
+    for i in range(args.repeats):  # taking turns, in a new order each repeat
+        for name in list(runs)[i % 3:] + list(runs)[: i % 3]:
             start = time.perf_counter()
-            if name == "prepare":
-                prepare(Corpus(files), tokenizer, tmp / f"ds{i}")
-            else:
+            if runs[name] is None:
                 raw.encode_batch_fast([d.text for d in docs], add_special_tokens=False)
+            else:
+                prepare(Corpus(files), tokenizer, tmp / f"ds-{runs[name]}-{i}", workers=runs[name])
             times[name].append(time.perf_counter() - start)
-    prep, ref = (megabytes / statistics.median(times[k]) for k in ("prepare", "raw"))
-    rows.append(("data prepare (files -> shards)", f"{prep:.1f} MB/s", f"{megabytes:.1f} MB, median of {args.repeats}"))
-    rows.append(("raw tokenizers encode_batch_fast", f"{ref:.1f} MB/s", f"prepare / raw = {prep / ref:.2f}x"))
+    speed = {name: megabytes / statistics.median(t) for name, t in times.items()}
+    one, many = speed["1 worker"], speed[f"{cores} workers"]
+    rows.append(("data prepare, 1 worker (files -> shards)", f"{one:.1f} MB/s", f"{megabytes:.1f} MB, median of {args.repeats}"))
+    rows.append((f"data prepare, --workers {cores}", f"{many:.1f} MB/s", f"{many / one:.2f}x one worker"))
+    rows.append(("raw tokenizers encode_batch_fast", f"{speed['raw']:.1f} MB/s",
+                 f"its own {cores} threads, no I/O; prepare / raw = {many / speed['raw']:.2f}x"))
 
-    loader = TokenLoader(tmp / "ds0", seq_len=256, batch_size=4, seed=0)
+    loader = TokenLoader(tmp / "ds-1-0", seq_len=256, batch_size=4, seed=0)
     model = HavocModel(dataclasses.replace(HavocConfig.havoc_small(), vocab_size=tokenizer.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     load_times, step_times = [], []

@@ -50,6 +50,16 @@ def test_prepare_is_deterministic(tmp_path, dataset, tokenizer, corpus_files):
         assert (tmp_path / "again" / name).read_bytes() == (dataset / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_dataset_is_the_same_for_any_number_of_workers(tmp_path, dataset, tokenizer, corpus_files, workers):
+    prepare(Corpus(corpus_files), tokenizer, tmp_path / "ds", val_fraction=0.1, shard_tokens=20_000, workers=workers)
+    assert sorted(os.listdir(tmp_path / "ds")) == sorted(os.listdir(dataset))
+    for name in os.listdir(dataset):  # the fixture's dataset used one worker per core
+        assert (tmp_path / "ds" / name).read_bytes() == (dataset / name).read_bytes(), name
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        prepare(Corpus(corpus_files), tokenizer, tmp_path / "none", workers=-1)
+
+
 def test_loader_windows_are_shifted_consecutive_tokens(dataset):
     loader = TokenLoader(dataset, seq_len=32, batch_size=4, seed=0)
     shards = [np.fromfile(dataset / s["file"], dtype=np.uint32) for s in loader.manifest["splits"]["train"]["shards"]]
@@ -165,15 +175,17 @@ def test_empty_val_split_is_an_error(tmp_path, tokenizer, corpus_files):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, tokenizer, corpus_files, monkeypatch):
-    calls = []
+    from havoc_training.data import _ShardWriter
 
-    def failing(texts):
+    calls, write = [], _ShardWriter.write
+
+    def failing(self, ids, text_bytes):  # Ctrl-C midway, with groups still at the workers
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 30:
             raise KeyboardInterrupt
-        return HavocTokenizer.encode_batch(tokenizer, texts)
+        write(self, ids, text_bytes)
 
-    monkeypatch.setattr(tokenizer, "encode_batch", failing)
+    monkeypatch.setattr(_ShardWriter, "write", failing)
     monkeypatch.setattr("havoc_training.data._BATCH_BYTES", 50_000)
     with pytest.raises(KeyboardInterrupt):
         prepare(Corpus(corpus_files), tokenizer, tmp_path / "ds")

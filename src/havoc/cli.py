@@ -86,7 +86,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
     tokenizer = HavocTokenizer.load(args.tokenizer)
     corpus = _corpus(args)
     start = time.perf_counter()
-    manifest = prepare(corpus, tokenizer, args.out, val_fraction=args.val_fraction, show_progress=True)
+    manifest = prepare(corpus, tokenizer, args.out, val_fraction=args.val_fraction, show_progress=True,
+                       workers=args.workers)
     seconds = time.perf_counter() - start
     _report_skipped(corpus)
     splits = manifest["splits"]
@@ -395,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_arguments(prepare)
     prepare.add_argument("--tokenizer", required=True, help="tokenizer directory")
     prepare.add_argument("--out", required=True, help="new directory for the dataset")
+    prepare.add_argument("--workers", type=int, help="tokenizing processes (default: one per core); the dataset "
+                                                     "is byte for byte the same for any number")
     prepare.set_defaults(func=_data_prepare)
     return parser
 

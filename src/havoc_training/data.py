@@ -9,7 +9,10 @@ dataset that looks finished.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +21,14 @@ from tqdm import tqdm
 
 from havoc_core.atomic import atomic_directory
 from havoc_core.tokenizer import Corpus, HavocTokenizer
-from havoc_core.tokenizer.corpus import COMPRESSION, in_val_split
+from havoc_core.tokenizer.corpus import COMPRESSION
+from havoc_training import encoding
 
 MANIFEST = "manifest.json"
 FORMAT = "havoc-tokens-v1"
 SPLITS = ("train", "val")
 SHARD_TOKENS = 1 << 26  # 64M tokens, 256 MB per shard file
-_BATCH_BYTES = 4 << 20  # documents are tokenized in groups of about this many bytes
+_BATCH_BYTES = 1 << 20  # documents go to the workers in groups of about this many bytes
 
 
 class _ShardWriter:
@@ -67,40 +71,55 @@ def prepare(
     val_fraction: float = 0.05,
     shard_tokens: int = SHARD_TOKENS,
     show_progress: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """Tokenize every document of `corpus` as <|bos|> ids <|eos|> into a new dataset at `out`.
 
     Documents go to the validation split by a hash of their text (see `in_val_split`).
-    Tokenization runs in parallel threads inside `tokenizers`. Returns the manifest.
+    This process reads the corpus and writes the shards; `workers` processes (default: one per
+    core) tokenize groups of documents, and their results are written in the corpus's order, so
+    the dataset is byte for byte the same for any number of workers. Returns the manifest.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     files = corpus.files()
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    with atomic_directory(out) as tmp:
+    # fork, not spawn: spawn re-runs the caller's main module in each worker, which breaks any script
+    # without a __main__ guard. The workers touch only tokenizers and numpy, never this process's threads.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=encoding.start, initargs=(tokenizer.to_str(),))
+    with pool, atomic_directory(out) as tmp:
         writers = {split: _ShardWriter(tmp, split, shard_tokens) for split in SPLITS}
         # The text's size is known up front for plain files only (not compressed, Parquet or datasets).
         plain = all(f.is_file() and f.suffix not in (*COMPRESSION, ".parquet") for f in files)
         progress = tqdm(total=sum(f.stat().st_size for f in files) if plain else None, unit="B", unit_scale=True,
                         desc="tokenizing", disable=not show_progress)
-        pending, pending_bytes = [], 0
+        in_flight: deque = deque()  # the groups the workers have, oldest first: written in that order
 
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            for doc, ids in zip(pending, tokenizer.encode_batch([d.text for d in pending])):
-                text_bytes = len(doc.text.encode("utf-8"))
-                split = "val" if in_val_split(doc.text, val_fraction) else "train"
-                writers[split].write(np.array([bos, *ids, eos], dtype=np.uint32), text_bytes)
-                progress.update(text_bytes)
-            pending, pending_bytes = [], 0
+        def write(most: int) -> None:
+            while len(in_flight) > most:
+                for val, ids, text_bytes in in_flight.popleft().result():
+                    writers["val" if val else "train"].write(ids, text_bytes)
+                    progress.update(text_bytes)
 
         try:
+            group, group_bytes = [], 0
             for doc in corpus:
-                pending.append(doc)
-                pending_bytes += len(doc.text)
-                if pending_bytes >= _BATCH_BYTES:
-                    flush()
-            flush()
+                group.append(doc.text)
+                group_bytes += len(doc.text)
+                if group_bytes >= _BATCH_BYTES:
+                    in_flight.append(pool.submit(encoding.encode, group, val_fraction))
+                    group, group_bytes = [], 0
+                    write(2 * workers)  # bounded memory: a few groups per worker in flight
+            if group:
+                in_flight.append(pool.submit(encoding.encode, group, val_fraction))
+            write(0)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
         finally:
             progress.close()
             for writer in writers.values():

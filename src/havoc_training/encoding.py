@@ -1,0 +1,31 @@
+"""The work of `prepare`'s worker processes: texts in, each document's split and token array out.
+
+It imports no torch, so a worker starts in a fraction of a second. Each worker tokenizes on one
+core (the pool is the parallelism: `tokenizers`' own threads would compete with it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from havoc_core.tokenizer import HavocTokenizer
+from havoc_core.tokenizer.corpus import in_val_split
+
+_tokenizer: HavocTokenizer | None = None
+
+
+def start(tokenizer_json: str) -> None:
+    """The pool's initializer: this worker's tokenizer, single-threaded."""
+    global _tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _tokenizer = HavocTokenizer(Tokenizer.from_str(tokenizer_json))
+
+
+def encode(texts: list[str], val_fraction: float) -> list[tuple[bool, np.ndarray, int]]:
+    """For each text: whether it is a validation document, <|bos|> ids <|eos|> as uint32, its UTF-8 bytes."""
+    bos, eos = _tokenizer.bos_token_id, _tokenizer.eos_token_id
+    return [(in_val_split(text, val_fraction), np.array([bos, *ids, eos], dtype=np.uint32), len(text.encode("utf-8")))
+            for text, ids in zip(texts, _tokenizer.encode_batch(texts))]
