@@ -239,3 +239,42 @@ def test_split_does_not_depend_on_where_the_data_lives(tmp_path, tokenizer, corp
             (folder / p.name).write_bytes(p.read_bytes())
         manifests.append(prepare(Corpus([folder]), tokenizer, tmp_path / place / "ds", val_fraction=0.2))
     assert manifests[0]["splits"] == manifests[1]["splits"]
+
+
+def test_three_parts_merge_into_the_one_machine_dataset(tmp_path, tokenizer_dir, corpus_files):
+    """Three `--num-shards 3` runs (as three machines would), then `havoc data merge`: the same
+    shards and manifest as one run over the whole input."""
+    from havoc.cli import main
+
+    inputs = [str(p) for p in corpus_files]
+    common = ["--tokenizer", str(tokenizer_dir), "--val-fraction", "0.1", "--workers", "1"]
+    assert main(["data", "prepare", *inputs, *common, "--out", str(tmp_path / "whole")]) == 0
+    for i in (2, 0, 1):  # any order
+        assert main(["data", "prepare", *inputs, *common, "--num-shards", "3", "--shard-index", str(i),
+                     "--out", str(tmp_path / f"part-{i}")]) == 0
+    parts = [load_manifest(tmp_path / f"part-{i}") for i in range(3)]
+    assert all(p["splits"]["train"]["documents"] > 0 for p in parts)  # each machine had real work
+    assert main(["data", "merge", *(str(tmp_path / f"part-{i}") for i in (1, 2, 0)), "--out", str(tmp_path / "merged")]) == 0
+    whole, merged = tmp_path / "whole", tmp_path / "merged"
+    assert sorted(os.listdir(merged)) == sorted(os.listdir(whole))
+    for name in os.listdir(whole):
+        assert (merged / name).read_bytes() == (whole / name).read_bytes(), name
+    assert main(["data", "merge", str(tmp_path / "part-0"), str(tmp_path / "part-2"), "--out", str(tmp_path / "m2")]) == 1
+    assert main(["data", "merge", str(whole), "--out", str(tmp_path / "m3")]) == 1
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def test_merge_errors_name_the_problem(tmp_path, tokenizer, corpus_files):
+    from havoc_training.data import merge
+
+    for i in range(2):
+        prepare(Corpus(corpus_files), tokenizer, tmp_path / f"p{i}", val_fraction=0.1, num_shards=2, shard_index=i)
+    prepare(Corpus(corpus_files[:30]), tokenizer, tmp_path / "other", val_fraction=0.1, num_shards=2, shard_index=1)
+    with pytest.raises(ValueError, match=r"missing \[1\]"):
+        merge([tmp_path / "p0"], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"repeated \[0\]"):
+        merge([tmp_path / "p0", tmp_path / "p0", tmp_path / "p1"], tmp_path / "out")
+    with pytest.raises(ValueError, match="differs .* in sources"):
+        merge([tmp_path / "p0", tmp_path / "other"], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"shard_index must be in \[0, num_shards\)"):
+        prepare(Corpus(corpus_files), tokenizer, tmp_path / "bad", num_shards=2, shard_index=2)

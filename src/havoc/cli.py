@@ -87,7 +87,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
     corpus = _corpus(args)
     start = time.perf_counter()
     manifest = prepare(corpus, tokenizer, args.out, val_fraction=args.val_fraction, show_progress=True,
-                       workers=args.workers)
+                       workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index)
     seconds = time.perf_counter() - start
     _report_skipped(corpus)
     splits = manifest["splits"]
@@ -95,6 +95,15 @@ def _data_prepare(args: argparse.Namespace) -> None:
     for name, s in splits.items():
         print(f"{name}: {s['documents']} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
     print(f"prepared {megabytes:.1f} MB in {seconds:.1f}s ({megabytes / seconds:.1f} MB/s); wrote {args.out}")
+
+
+def _data_merge(args: argparse.Namespace) -> None:
+    from havoc_training.data import merge
+
+    manifest = merge(args.parts, args.out, show_progress=True)
+    for name, s in manifest["splits"].items():
+        print(f"{name}: {s['documents']} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    print(f"merged {len(args.parts)} parts into {args.out}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -398,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="new directory for the dataset")
     prepare.add_argument("--workers", type=int, help="tokenizing processes (default: one per core); the dataset "
                                                      "is byte for byte the same for any number")
+    prepare.add_argument("--num-shards", type=int, default=1, metavar="K",
+                         help="prepare only part --shard-index of K (contiguous input files, balanced by size), "
+                              "one per machine; `havoc data merge` joins the parts")
+    prepare.add_argument("--shard-index", type=int, default=0, metavar="I", help="which part, 0 to K-1")
+    merge = data_commands.add_parser("merge", help="join the parts of a --num-shards run into one dataset")
+    merge.add_argument("parts", nargs="+", help="the part folders (any order)")
+    merge.add_argument("--out", required=True, help="new directory for the dataset")
+    merge.set_defaults(func=_data_merge)
     prepare.set_defaults(func=_data_prepare)
     return parser
 

@@ -8,6 +8,7 @@ dataset that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -39,8 +40,12 @@ class _ShardWriter:
         self.documents = self.tokens = self.bytes = 0
 
     def write(self, ids: np.ndarray, text_bytes: int) -> None:
+        """One document's ids."""
         self.documents += 1
         self.bytes += text_bytes
+        self.extend(ids)
+
+    def extend(self, ids: np.ndarray) -> None:
         self.tokens += len(ids)
         while len(ids):
             if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
@@ -72,6 +77,8 @@ def prepare(
     shard_tokens: int = SHARD_TOKENS,
     show_progress: bool = False,
     workers: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> dict:
     """Tokenize every document of `corpus` as <|bos|> ids <|eos|> into a new dataset at `out`.
 
@@ -79,13 +86,23 @@ def prepare(
     This process reads the corpus and writes the shards; `workers` processes (default: one per
     core) tokenize groups of documents, and their results are written in the corpus's order, so
     the dataset is byte for byte the same for any number of workers. Returns the manifest.
+
+    With `num_shards` K > 1 this run prepares part `shard_index` of K: a contiguous run of the
+    input files, balanced by size, so that K machines share the work; `merge` joins the parts
+    into the dataset one run would have made.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    files = corpus.files()
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards) = [0, {num_shards}), got {shard_index}")
+    sources = [str(p) for p in corpus.paths]
+    if num_shards > 1:
+        # A part may get no file (a file larger than a part's share): it is then an empty part.
+        corpus = dataclasses.replace(corpus, paths=_share(corpus.files(), num_shards, shard_index), skipped=[])
+    files = corpus.files() if corpus.paths else []
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     # fork, not spawn: spawn re-runs the caller's main module in each worker, which breaks any script
     # without a __main__ guard. The workers touch only tokenizers and numpy, never this process's threads.
@@ -107,7 +124,7 @@ def prepare(
 
         try:
             group, group_bytes = [], 0
-            for doc in corpus:
+            for doc in corpus if files else []:
                 group.append(doc.text)
                 group_bytes += len(doc.text)
                 if group_bytes >= _BATCH_BYTES:
@@ -125,9 +142,9 @@ def prepare(
             for writer in writers.values():
                 writer.close()
         splits = {split: writer.summary() for split, writer in writers.items()}
-        if splits["train"]["tokens"] == 0:
+        if splits["train"]["tokens"] == 0 and num_shards == 1:
             raise ValueError("no document reached the training split: the corpus is empty")
-        if val_fraction > 0 and splits["val"]["tokens"] == 0:
+        if val_fraction > 0 and splits["val"]["tokens"] == 0 and num_shards == 1:
             raise ValueError(
                 f"no document fell into the validation split ({splits['train']['documents']} documents, "
                 f"val_fraction {val_fraction}); raise --val-fraction or add documents"
@@ -140,11 +157,75 @@ def prepare(
             "bos_token_id": bos,
             "eos_token_id": eos,
             "val_fraction": val_fraction,
-            "sources": [str(p) for p in corpus.paths],
+            "sources": sources,
             "skipped_files": corpus.skipped,
             "splits": splits,
         }
+        if num_shards > 1:  # `merge` checks and drops this
+            manifest["part"] = {"index": shard_index, "count": num_shards, "shard_tokens": shard_tokens}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks completion
+    return manifest
+
+
+def _share(files: list[Path], parts: int, index: int) -> list[Path]:
+    """Part `index` of `parts` contiguous runs of `files`, balanced by size (a file goes where it starts)."""
+    sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+             for p in files]
+    total, start, chosen = max(1, sum(sizes)), 0, []
+    for path, size in zip(files, sizes):
+        if start * parts // total == index:
+            chosen.append(path)
+        start += size
+    return chosen
+
+
+def merge(parts: list[str | os.PathLike], out: str | os.PathLike, show_progress: bool = False) -> dict:
+    """Join the parts that `prepare(num_shards=K, shard_index=I)` made into one dataset at `out`:
+    the same shards and manifest as one `prepare` run over the whole input. Returns its manifest."""
+    manifests = [load_manifest(p) for p in parts]
+    for path, manifest in zip(parts, manifests):
+        if "part" not in manifest:
+            raise ValueError(f"{path} is a whole dataset, not a part of one (prepare parts with --num-shards)")
+    count = manifests[0]["part"]["count"]
+    indexes = sorted(m["part"]["index"] for m in manifests)
+    if indexes != list(range(count)):
+        missing = sorted(set(range(count)) - set(indexes))
+        repeated = sorted({i for i in indexes if indexes.count(i) > 1})
+        raise ValueError(f"the parts must be 0..{count - 1} of {count}, each once: "
+                         + "; ".join([f"missing {missing}"] * bool(missing) + [f"repeated {repeated}"] * bool(repeated)))
+    same = ("tokenizer_sha256", "vocab_size", "val_fraction", "sources", "dtype")
+    for path, manifest in zip(parts, manifests):
+        for key in (*same, "part"):
+            value, first = manifest[key], manifests[0][key]
+            if key == "part":
+                value, first = (value["count"], value["shard_tokens"]), (first["count"], first["shard_tokens"])
+            if value != first:
+                raise ValueError(f"{path} differs from {parts[0]} in {key}: these are parts of different runs")
+    ordered = sorted(zip(manifests, parts), key=lambda m: m[0]["part"]["index"])
+    shard_tokens = manifests[0]["part"]["shard_tokens"]
+    with atomic_directory(out) as tmp:
+        splits = {}
+        for split in SPLITS:
+            writer = _ShardWriter(tmp, split, shard_tokens)
+            try:
+                for manifest, path in tqdm(ordered, desc=f"merging {split}", disable=not show_progress):
+                    for shard in manifest["splits"][split]["shards"]:
+                        tokens = np.memmap(Path(path) / shard["file"], dtype=np.uint32, mode="r")
+                        for start in range(0, len(tokens), shard_tokens):
+                            writer.extend(np.asarray(tokens[start : start + shard_tokens]))
+            finally:
+                writer.close()
+            splits[split] = {**writer.summary(),
+                             "documents": sum(m["splits"][split]["documents"] for m, _ in ordered),
+                             "bytes": sum(m["splits"][split]["bytes"] for m, _ in ordered)}
+        if splits["train"]["tokens"] == 0:
+            raise ValueError("no document reached the training split: the corpus is empty")
+        if manifests[0]["val_fraction"] > 0 and splits["val"]["tokens"] == 0:
+            raise ValueError("no document fell into the validation split; prepare again with a larger --val-fraction")
+        manifest = {key: value for key, value in ordered[0][0].items() if key != "part"}
+        manifest["skipped_files"] = [f for m, _ in ordered for f in m["skipped_files"]]
+        manifest["splits"] = splits
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
