@@ -25,7 +25,7 @@ from havoc_core.tokenizer import Corpus, HavocTokenizer, stdlib_corpus
 from havoc_eval.bench import cpu_model, markdown_table
 from havoc_training.config import TrainConfig
 from havoc_training.data import prepare
-from havoc_training.trainer import Trainer, build_optimizer
+from havoc_training.trainer import Trainer, build_optimizers
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     trainer.raw_model.save_pretrained(tmp / "havoc")
     havoc_to_hf(tmp / "havoc", tmp / "hf")
     hf = LlamaForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32, attn_implementation="sdpa").train()
-    hf_optimizer = build_optimizer(hf, config, fused=False)
+    hf_optimizer, = build_optimizers(hf, config, fused=False)
     hf_loader = trainer._loader("train", config.micro_batch, 0, 1, shuffle=True)
 
     def havoc_step():

@@ -35,7 +35,7 @@ from havoc_core.model import HavocModel
 from havoc_eval.bench import bench, cpu_model, markdown_table, table
 from havoc_training.config import TrainConfig
 from havoc_training.distributed import autocast, materialize, parallelize
-from havoc_training.trainer import build_optimizer, flops_per_token, peak_flops
+from havoc_training.trainer import build_optimizers, flops_per_token, peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def train_throughput(preset: str, device: str, micro_batch: int, seq_len: int, s
     materialize(model, device_)
     model = parallelize(model, "none", device_, dtype, activation_checkpointing=False, compile=compile).train()
     config = TrainConfig(data="-", tokenizer="-", micro_batch=micro_batch, seq_len=seq_len, lr=1e-4)
-    optimizer = build_optimizer(model, config, fused=device_.type == "cuda")
+    optimizer, = build_optimizers(model, config, fused=device_.type == "cuda")
     ids = torch.randint(3, model.config.vocab_size, (micro_batch, seq_len + 1), device=device_)
 
     def step() -> None:

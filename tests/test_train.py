@@ -79,15 +79,16 @@ def test_schedule_warms_up_then_decays(config):
 
 def test_weight_decay_skips_norms(config):
     trainer = Trainer(config)
-    decayed, plain = trainer.optimizer.param_groups
+    decayed, plain = trainer.optimizers[0].param_groups
     assert decayed["weight_decay"] == config.weight_decay and plain["weight_decay"] == 0.0
     assert all(p.dim() == 1 for p in plain["params"]) and all(p.dim() == 2 for p in decayed["params"])
 
 
-def test_resume_after_sigkill_is_bit_identical(config, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_is_bit_identical(config, tmp_path, optimizer):
     # Dropout draws from the CPU generator: bit-identical losses need its state restored too.
     config = dataclasses.replace(config, seq_len=64, micro_batch=8, global_batch_tokens=1024, max_steps=40,
-                                 save_every=20, eval_every=20, model_overrides={"dropout": 0.1})
+                                 save_every=20, eval_every=20, model_overrides={"dropout": 0.1}, optimizer=optimizer)
     straight = dataclasses.replace(config, out=str(tmp_path / "straight"))
     _killed_at_then_resumed(straight, config, step=20)
     assert _losses(config.out) == _losses(straight.out)  # every step, bit for bit
@@ -113,10 +114,10 @@ def _killed_at_then_resumed(straight: TrainConfig, config: TrainConfig, step: in
     assert "resumed from" in resumed.stdout
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(config, tmp_path, parallel):
+@pytest.mark.parametrize("parallel, optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")])
+def test_two_processes_match_one(config, tmp_path, parallel, optimizer):
     # The same micro_batch: one process accumulates 4 micro-batches per step, each of two accumulates 2.
-    one = dataclasses.replace(config, out=str(tmp_path / "one"), max_steps=6, micro_batch=2)
+    one = dataclasses.replace(config, out=str(tmp_path / "one"), max_steps=6, micro_batch=2, optimizer=optimizer)
     Trainer(one).train()
     two = dataclasses.replace(one, out=str(tmp_path / "two"), parallel=parallel)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -134,6 +135,23 @@ def test_two_processes_match_one(config, tmp_path, parallel):
     # The sharded checkpoint exports to one ordinary folder.
     model = HavocModel.load_pretrained(export_checkpoint(checkpoints(Path(two.out) / "checkpoints")[-1], tmp_path / "m"))
     assert model.config.vocab_size == 1000
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(config, tmp_path):
+    trainer = Trainer(dataclasses.replace(config, optimizer="muon", max_steps=3))
+    adamw, muon = trainer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {p: name for name, p in trainer.raw_model.named_parameters()}
+    hidden = {names[p] for p in muon.param_groups[0]["params"]}
+    assert hidden == {name for name, p in trainer.raw_model.named_parameters() if p.dim() == 2 and "layers." in name}
+    assert {names[p] for g in adamw.param_groups for p in g["params"]} == set(names.values()) - hidden
+    first = trainer.raw_model.layers[0].attn.wq.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(first, trainer.raw_model.layers[0].attn.wq.weight)
+    bad = dataclasses.replace(config, out=str(tmp_path / "fsdp"), optimizer="muon", parallel="fsdp", max_steps=2)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "havoc.cli", "train", *_cli_args(bad)], capture_output=True, text=True)
+    assert run.returncode != 0 and "muon needs whole weight matrices" in run.stderr
 
 
 def test_export_gives_the_trained_weights_and_tokenizer(config, tmp_path):
@@ -470,7 +488,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_tracks_fp32(config, tmp_path
     trainer.train()
     assert set(seen) == {torch.bfloat16}  # the products did run in bf16
     assert {p.dtype for p in trainer.raw_model.parameters()} == {torch.float32}
-    assert {s.dtype for state in trainer.optimizer.state.values() for s in state.values() if s.dim()} == {torch.float32}
+    assert {s.dtype for state in trainer.optimizers[0].state.values() for s in state.values() if s.dim()} == {torch.float32}
     a, b = _losses(fp32.out), _losses(bf16.out)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-2), step

@@ -152,7 +152,7 @@ def _delete(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_config: HavocConfig,
+def save_checkpoint(root: Path, step: int, model, optimizers, loader, model_config: HavocConfig,
                     keep_last: int, extra: dict) -> Path:
     rank, world_size = _rank(), dist.get_world_size() if dist.is_initialized() else 1
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.partial"
@@ -163,7 +163,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
         tmp.mkdir(parents=True)
     _barrier()
     try:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizers)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -191,7 +191,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, loader, model_confi
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocConfig) -> dict:
+def load_checkpoint(path: Path, model, optimizers, loader, model_config: HavocConfig) -> dict:
     """Restore everything `save_checkpoint` wrote (check it with `verify_checkpoint` first); returns the
     trainer state (step, ...)."""
     state = read_json(path / STATE_FILE, "trainer state")
@@ -204,11 +204,11 @@ def load_checkpoint(path: Path, model, optimizer, loader, model_config: HavocCon
     if state["world_size"] != world_size:
         raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; resume with the same "
                          f"number (now {world_size}) so that each rank continues its own data")
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizers)
     target = {"model": model_state, "optimizer": optim_state}
     _check_metadata(path)
     dcp.load(target, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+    set_state_dict(model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     rank = _rank()
     loader.load_state_dict(read_json(path / f"loader-rank{rank}.json", "data position"))
     rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)

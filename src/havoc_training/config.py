@@ -33,6 +33,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' weight matrices, AdamW for embeddings and norms
     weight_decay: float = 0.1  # on matrices only (see optimizer groups in the trainer)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -66,6 +67,8 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append("need lr > 0, 0 <= min_lr <= lr and warmup_steps >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            problems.append(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             problems.append(f"parallel must be auto, ddp or fsdp, got {self.parallel!r}")
         if self.dtype not in ("auto", "bfloat16", "float32"):

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from havoc_core.tokenizer import HavocTokenizer
 from havoc_core.tokenizer.corpus import in_val_split
+from havoc_core.tokenizer.tokenizer import pieces
 
 _tokenizer: HavocTokenizer | None = None
 
@@ -25,7 +26,12 @@ def start(tokenizer_json: str) -> None:
 
 
 def encode(texts: list[str], val_fraction: float) -> list[tuple[bool, np.ndarray, int]]:
-    """For each text: whether it is a validation document, <|bos|> ids <|eos|> as uint32, its UTF-8 bytes."""
-    bos, eos = _tokenizer.bos_token_id, _tokenizer.eos_token_id
-    return [(in_val_split(text, val_fraction), np.array([bos, *ids, eos], dtype=np.uint32), len(text.encode("utf-8")))
-            for text, ids in zip(texts, _tokenizer.encode_batch(texts))]
+    """For each text: whether it is a validation document, <|bos|> ids <|eos|> as uint32, its UTF-8 bytes.
+
+    A long text goes piece by piece (the same ids, see `pieces`), each piece's ids to uint32 at
+    once: a 16 MB document then never holds all its `tokenizers` encodings and Python ints at once."""
+    bos, eos = (np.array([t], dtype=np.uint32) for t in (_tokenizer.bos_token_id, _tokenizer.eos_token_id))
+    return [(in_val_split(text, val_fraction),
+             np.concatenate([bos, *(np.array(_tokenizer.encode(piece), dtype=np.uint32) for piece in pieces(text)), eos]),
+             len(text.encode("utf-8")))
+            for text in texts]

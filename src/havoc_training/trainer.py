@@ -57,14 +57,25 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (projections, embedding) only, never on norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizers(model: torch.nn.Module, config: TrainConfig, fused: bool) -> list[torch.optim.Optimizer]:
+    """AdamW; weight decay on matrices (projections, embedding) only, never on norm gains.
+
+    With optimizer = "muon", torch's Muon takes the blocks' weight matrices (the hidden layers, as
+    Muon is meant for) and AdamW the rest: the embedding (tied to the output head) and the norms.
+    Muon's learning rate is scaled to match AdamW's update size ("match_rms_adamw"), so one lr
+    and one schedule serve both."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if config.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{name}"]
+    rest = [p for _, p in named if all(p is not h for h in hidden)]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
+    optimizers = [torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 class Trainer:
@@ -114,7 +125,10 @@ class Trainer:
                                  config.compile)
         if model.embed_tokens.weight.is_meta:
             materialize(model, self.device)
-        self.optimizer = build_optimizer(self.model, config, fused=self.device.type == "cuda")
+        if config.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("optimizer muon needs whole weight matrices, which FSDP shards across processes: "
+                             "use parallel = 'ddp' with several processes (or adamw)")
+        self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
         self.step = 0
         self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths(), device=self.device, dtype=torch.float64)
         if resume:
@@ -173,7 +187,7 @@ class Trainer:
             except ValueError as e:
                 self._print(f"warning: {e}; falling back to the checkpoint before it")
                 continue
-            state = load_checkpoint(path, self.model, self.optimizer, self.loader, self.model_config)
+            state = load_checkpoint(path, self.model, self.optimizers, self.loader, self.model_config)
             self.step = state["step"]
             self._print(f"resumed from {path} at step {self.step}")
             return
@@ -195,7 +209,7 @@ class Trainer:
         while self.step < config.max_steps:
             self.step += 1
             lr = lr_at(self.step, config)
-            for group in self.optimizer.param_groups:
+            for group in (g for optimizer in self.optimizers for g in optimizer.param_groups):
                 group["lr"] = lr
             loss = self._train_step()
             first_loss = loss if first_loss is None else first_loss
@@ -221,7 +235,7 @@ class Trainer:
                          "dtype": str(self.dtype).removeprefix("torch.")}  # what `havoc export` writes by default
                 if config.lora_rank:
                     extra["lora"] = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets}
-                save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.loader,
+                save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizers, self.loader,
                                 self.model_config, config.keep_last, extra)
                 self.metrics.plot()
             bar.update(1)
@@ -251,8 +265,9 @@ class Trainer:
             (nats * scale.float()).backward()
             total += nats.detach().double()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.world_size > 1:
             dist.all_reduce(total)
         return (total / tokens.clamp(min=1)).item()
