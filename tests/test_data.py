@@ -1,6 +1,7 @@
 """Data pipeline: prepared shards are lossless and complete-or-absent; the loader is exact and resumable."""
 
 import json
+from pathlib import Path
 from collections import Counter
 import os
 import signal
@@ -192,6 +193,26 @@ def test_failure_midway_leaves_nothing(tmp_path, tokenizer, corpus_files, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields.get("PPid", "0")) == pid:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaps counts as gone)."""
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
 def test_sigkill_never_leaves_a_dataset_that_looks_complete(tmp_path, tokenizer_dir):
     out = tmp_path / "ds"
     proc = subprocess.Popen([sys.executable, "-m", "havoc.cli", "data", "prepare", "--tokenizer", str(tokenizer_dir),
@@ -199,8 +220,14 @@ def test_sigkill_never_leaves_a_dataset_that_looks_complete(tmp_path, tokenizer_
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".ds.*.partial/train-00000.bin")) and time.monotonic() < deadline:
         time.sleep(0.01)
+    workers = _children(proc.pid)
+    assert workers, "no worker processes to check"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10  # the killed run's workers notice and leave: no orphans
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
     stale = list(tmp_path.glob(".ds.*.partial"))
     assert stale, "the kill came too late to test anything"
     assert not out.exists()

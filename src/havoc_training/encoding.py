@@ -7,6 +7,8 @@ core (the pool is the parallelism: `tokenizers`' own threads would compete with 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -19,10 +21,19 @@ _tokenizer: HavocTokenizer | None = None
 
 
 def start(tokenizer_json: str) -> None:
-    """The pool's initializer: this worker's tokenizer, single-threaded."""
+    """The pool's initializer: this worker's tokenizer, single-threaded, and a watch on its parent."""
     global _tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _tokenizer = HavocTokenizer(Tokenizer.from_str(tokenizer_json))
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    # A forked worker holds its own copy of the task pipe, so it never reads end-of-file when the
+    # parent is killed (SIGKILL, the OOM killer): without this it would wait forever, an orphan.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def encode(texts: list[str], val_fraction: float) -> list[tuple[bool, np.ndarray, int]]:
