@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -667,3 +668,25 @@ def test_finetuning_a_bf16_folder_trains_fp32_master_weights(chat_config, tmp_pa
         assert torch.equal(x, y.float())  # the file's values, exactly
     trainer.train()
     assert {p.dtype for p in trainer.raw_model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_nodes_match_one_process(config, tmp_path, parallel):
+    """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
+    127.0.0.1), as `srun torchrun` would start them on two machines: one process's losses."""
+    one = dataclasses.replace(config, out=str(tmp_path / "one"), max_steps=4, micro_batch=2, eval_every=4)
+    Trainer(one).train()
+    two = dataclasses.replace(one, out=str(tmp_path / "two"), parallel=parallel)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-id", "havoc-test",
+                                "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "havoc.cli", "train", *_cli_args(two)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [agent.communicate(timeout=300) for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), [err[-2000:] for _, err in results]
+    a, b = _losses(one.out), _losses(two.out)
+    assert sorted(a) == sorted(b) == list(range(1, 5))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
