@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from havoc_eval.bench import cpu_model
-from havoc_training.config import TrainConfig
 from havoc_training.metrics import read_metrics
+from havoc_training.quickstart import recipe
 from havoc_training.trainer import Trainer
 
 QUICKSTART = Path("runs/quickstart")
@@ -37,14 +37,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     curves, seconds = {}, {}
     for optimizer in ("adamw", "muon"):
-        # The quickstart's recipe (src/havoc_training/quickstart.py), but for the optimizer.
-        config = TrainConfig(
-            data=str(QUICKSTART / "data"), tokenizer=str(QUICKSTART / "tokenizer"), out=str(out / optimizer),
-            model="small", model_overrides={"d_model": 256, "num_layers": 4,
-                                            "attention": {"num_heads": 4, "num_kv_heads": 2}, "mlp": {"hidden_dim": 688}},
-            seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=args.steps, lr=2e-3, min_lr=2e-4,
-            warmup_steps=max(1, args.steps // 20), eval_every=args.eval_every, eval_batches=16,
-            save_every=args.steps, log_every=10, optimizer=optimizer)
+        # The quickstart's recipe, but for the optimizer.
+        config = recipe(QUICKSTART, out / optimizer, args.steps, eval_every=args.eval_every, save_every=args.steps,
+                        optimizer=optimizer)
         summary = Trainer(config).train()
         seconds[optimizer] = summary["seconds"]
         curves[optimizer] = {r["step"]: r["val_bpb"] for r in read_metrics(out / optimizer / "metrics.jsonl")

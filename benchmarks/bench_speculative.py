@@ -29,7 +29,7 @@ from havoc_eval.bench import cpu_model
 from havoc_inference.engine import Engine
 from havoc_inference.sampling import SamplingParams
 from havoc_training.checkpoint import export_checkpoint
-from havoc_training.config import TrainConfig
+from havoc_training.quickstart import recipe
 from havoc_training.trainer import Trainer
 
 QUICKSTART = Path("runs/quickstart")
@@ -60,10 +60,8 @@ def _train(out: Path, preset: str, steps: int, retrain: bool, **overrides) -> Pa
     if model_dir.exists() and not retrain:
         return model_dir
     shutil.rmtree(out, ignore_errors=True)
-    config = TrainConfig(data=str(QUICKSTART / "data"), tokenizer=str(QUICKSTART / "tokenizer"), out=str(out / "run"),
-                         model=preset, model_overrides=overrides, seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=steps, lr=2e-3,
-                         min_lr=2e-4, warmup_steps=max(1, steps // 20), eval_every=steps, eval_batches=16,
-                         save_every=steps, log_every=50)
+    config = recipe(QUICKSTART, out / "run", steps, model=preset, model_overrides=overrides, eval_every=steps,
+                    save_every=steps, log_every=50)
     summary = Trainer(config).train()
     print(f"trained {preset}: {steps} steps in {summary['seconds']:.0f}s, validation {summary['val_bpb']:.3f} bits/byte")
     return export_checkpoint(summary["checkpoint"], model_dir)

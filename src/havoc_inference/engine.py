@@ -669,18 +669,18 @@ class Engine:
             return [seq.lookup.propose(seq.ids, k) if k else [] for seq, k in zip(decoding, budgets)], None
         return self._draft_guesses(decoding, budgets)
 
-    def _draft_guesses(self, decoding: list[Sequence], budgets: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+    def _draft_guesses(self, decoding: list[Sequence],
+                       budgets: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
         """Run the draft model over what it has not seen of each guessing row, then once per guess.
 
         Its cache is read and written through the rows' block tables; rows that have no more to
         guess are padding (position -1). Guesses are drawn as the row's own tokens would be (its
-        sampling parameters, its generator), and their distributions are kept for acceptance."""
+        sampling parameters, its generator), and their distributions are kept for acceptance,
+        unless every row is greedy: acceptance then compares argmaxes and needs none."""
         guesses: list[list[int]] = [[] for _ in decoding]
-        vocab = self.model.config.vocab_size
-        draft_probs = torch.zeros((len(decoding), self.speculate, vocab), device=self.device)
         chosen = [i for i, k in enumerate(budgets) if k]
         if not chosen:
-            return guesses, draft_probs
+            return guesses, None
         seqs = [decoding[i] for i in chosen]
         pad = self.model.config.pad_token_id
         pending = [seq.ids[seq.draft_computed :] for seq in seqs]
@@ -696,7 +696,9 @@ class Engine:
         for seq in seqs:
             seq.draft_computed = len(seq.ids)
         params = [seq.params for seq in seqs]
-        greedy = all(p.greedy for p in params)  # then acceptance compares argmaxes: no distributions needed
+        greedy = all(p.greedy for p in params)  # rows that guess nothing never read their q
+        draft_probs = None if greedy else torch.zeros((len(decoding), self.speculate, self.model.config.vocab_size),
+                                                      device=self.device)
         for j in range(max(budgets)):
             processed = process(logits, params, [(seq.prompt_vocab, seq.counts) for seq in seqs])
             if greedy:

@@ -193,14 +193,15 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, show_progress:
         repeated = sorted({i for i in indexes if indexes.count(i) > 1})
         raise ValueError(f"the parts must be 0..{count - 1} of {count}, each once: "
                          + "; ".join([f"missing {missing}"] * bool(missing) + [f"repeated {repeated}"] * bool(repeated)))
-    same = ("tokenizer_sha256", "vocab_size", "val_fraction", "sources", "dtype")
+    def run(manifest: dict) -> dict:  # what the parts of one run share
+        return {**{key: manifest[key] for key in ("tokenizer_sha256", "vocab_size", "val_fraction", "sources", "dtype")},
+                "part count": manifest["part"]["count"], "shard_tokens": manifest["part"]["shard_tokens"]}
+
+    first = run(manifests[0])
     for path, manifest in zip(parts, manifests):
-        for key in (*same, "part"):
-            value, first = manifest[key], manifests[0][key]
-            if key == "part":
-                value, first = (value["count"], value["shard_tokens"]), (first["count"], first["shard_tokens"])
-            if value != first:
-                raise ValueError(f"{path} differs from {parts[0]} in {key}: these are parts of different runs")
+        differing = [key for key, value in run(manifest).items() if value != first[key]]
+        if differing:
+            raise ValueError(f"{path} differs from {parts[0]} in {differing[0]}: these are parts of different runs")
     ordered = sorted(zip(manifests, parts), key=lambda m: m[0]["part"]["index"])
     shard_tokens = manifests[0]["part"]["shard_tokens"]
     with atomic_directory(out) as tmp:

@@ -17,6 +17,21 @@ from havoc_training.trainer import Trainer
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n"]
 
 
+def recipe(quickstart_dir: str | Path, out: str | Path, max_steps: int, **changes) -> TrainConfig:
+    """The quickstart's training config, on the data and tokenizer of `quickstart_dir`; `changes`
+    are TrainConfig fields to set otherwise (the benchmarks vary the optimizer or the model)."""
+    quickstart_dir = Path(quickstart_dir)
+    settings = dict(
+        data=str(quickstart_dir / "data"), tokenizer=str(quickstart_dir / "tokenizer"), out=str(out), model="small",
+        model_overrides={"d_model": 256, "num_layers": 4, "attention": {"num_heads": 4, "num_kv_heads": 2},
+                         "mlp": {"hidden_dim": 688}},
+        seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=max_steps, lr=2e-3, min_lr=2e-4,
+        warmup_steps=max(1, max_steps // 20), eval_every=max(1, max_steps // 5), eval_batches=16,
+        save_every=max(1, max_steps // 5), log_every=10,
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
 def quickstart(out: str | Path, max_steps: int, val_fraction: float = 0.05) -> dict:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -29,15 +44,7 @@ def quickstart(out: str | Path, max_steps: int, val_fraction: float = 0.05) -> d
     print("2/4 data: tokenizing into shards")
     prepare(corpus, tokenizer, out / "data", val_fraction=val_fraction, show_progress=True)
     print("3/4 training a 4-layer, d_model 256 HAVOC model (device found automatically)")
-    config = TrainConfig(
-        data=str(out / "data"), tokenizer=str(out / "tokenizer"), out=str(out / "run"), model="small",
-        model_overrides={"d_model": 256, "num_layers": 4, "attention": {"num_heads": 4, "num_kv_heads": 2},
-                         "mlp": {"hidden_dim": 688}},
-        seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=max_steps, lr=2e-3, min_lr=2e-4,
-        warmup_steps=max(1, max_steps // 20), eval_every=max(1, max_steps // 5), eval_batches=16,
-        save_every=max(1, max_steps // 5), log_every=10,
-    )
-    summary = Trainer(config).train()
+    summary = Trainer(recipe(out, out / "run", max_steps)).train()
     model_dir = export_checkpoint(summary["checkpoint"], out / "model")
     print(f"4/4 samples from {model_dir}:")
     model = HavocModel.load_pretrained(model_dir)

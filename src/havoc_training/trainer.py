@@ -64,9 +64,11 @@ def build_optimizers(model: torch.nn.Module, config: TrainConfig, fused: bool) -
     Muon is meant for) and AdamW the rest: the embedding (tied to the output head) and the norms.
     Muon's learning rate is scaled to match AdamW's update size ("match_rms_adamw"), so one lr
     and one schedule serve both."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for name, p in named if config.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{name}"]
-    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            muon = config.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{name}"
+            (hidden if muon else rest).append(p)
     groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
