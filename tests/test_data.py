@@ -115,6 +115,39 @@ def test_ranks_split_without_overlap(dataset):
         assert parts[0] | parts[1] == together  # same global batch as one process
 
 
+def test_each_step_takes_the_same_items_for_any_number_of_processes(dataset):
+    """Global batches of 12 items as 1 x 6 x 2, 2 x 3 x 2, 3 x 2 x 2 and 6 x 1 x 2 (processes x micro-batch
+    x accumulation), across epoch boundaries; and a position saved by one layout resumes in another."""
+    layouts = [(1, 6, 2), (2, 3, 2), (3, 2, 2), (6, 1, 2)]
+
+    def loaders(world_size, batch_size, accumulation):
+        return [TokenLoader(dataset, seq_len=64, batch_size=batch_size, seed=4, rank=r, world_size=world_size,
+                            accumulation=accumulation) for r in range(world_size)]
+
+    def step(ranks):  # every rank's micro-batches of one optimizer step, as one set of windows
+        return {tuple(x) for loader in ranks for _ in range(12 // loader.batch_size // loader.world_size)
+                for x in loader.next_batch()[0].tolist()}
+
+    runs = [loaders(*layout) for layout in layouts]
+    steps = runs[0][0].num_items // 12 + 3  # past the end of the first epoch
+    assert len({r[0].batches_per_epoch * r[0].batch_size * r[0].world_size for r in runs}) == 1
+    for _ in range(steps):
+        batches = [step(ranks) for ranks in runs]
+        assert all(len(b) == 12 and b == batches[0] for b in batches)
+    states = [loader.state_dict() for ranks in runs for loader in ranks]
+    assert all(state == states[0] for state in states) and states[0]["epoch"] == 1
+    moved = loaders(2, 3, 2)
+    for loader in moved:
+        loader.load_state_dict(json.loads(json.dumps(runs[2][0].state_dict())))
+    assert step(moved) == step(runs[0])
+    odd = loaders(2, 3, 2)[0]
+    odd.next_batch()  # half a step: no checkpoint stops there
+    with pytest.raises(ValueError, match="not a whole number of passes of 12 x 1 processes"):
+        loaders(1, 12, 1)[0].load_state_dict(odd.state_dict())
+    with pytest.raises(ValueError, match="global_batch: saved 12, now 24"):
+        loaders(2, 6, 2)[0].load_state_dict(states[0])
+
+
 def test_resume_is_exact_across_epochs(dataset):
     loader = TokenLoader(dataset, seq_len=64, batch_size=8, seed=5)
     total = loader.batches_per_epoch + 3  # crosses an epoch boundary
@@ -149,7 +182,7 @@ def test_data_made_with_another_tokenizer_is_refused(dataset):
 
 
 def test_too_little_data_for_a_batch(dataset):
-    with pytest.raises(ValueError, match="too few for one batch of 4096 x 4097 tokens"):
+    with pytest.raises(ValueError, match="too few for one step of 4096 x 4097 tokens"):
         TokenLoader(dataset, seq_len=4096, batch_size=4096, split="train")
     # A validation split may be smaller than a batch (it is scored item by item), or empty.
     assert TokenLoader(dataset, seq_len=4096, batch_size=512, split="val").batches_per_epoch == 0

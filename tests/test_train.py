@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -136,6 +137,42 @@ def test_two_processes_match_one(config, tmp_path, parallel, optimizer):
     # The sharded checkpoint exports to one ordinary folder.
     model = HavocModel.load_pretrained(export_checkpoint(checkpoints(Path(two.out) / "checkpoints")[-1], tmp_path / "m"))
     assert model.config.vocab_size == 1000
+
+
+def _back_to(out: Path, step: int, into: Path) -> Path:
+    """A copy of the run in `out` as it was when checkpoint `step` was its newest."""
+    shutil.copytree(out, into)
+    for later in checkpoints(into / "checkpoints"):
+        if int(later.name.removeprefix("step-")) > step:
+            shutil.rmtree(later)
+    return into
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_elastic_resume_one_to_two_to_one_process_continues_the_same_run(config, tmp_path, parallel):
+    """A checkpoint written by one process resumes with two, and theirs with one again: DCP reshards
+    the model and optimizer, and the data order is a function of the global step, so every step's
+    loss is the uninterrupted run's."""
+    straight = dataclasses.replace(config, out=str(tmp_path / "straight"), max_steps=6, micro_batch=2, save_every=2,
+                                   eval_every=6, keep_last=3)
+    Trainer(straight).train()
+    grown = dataclasses.replace(straight, out=str(_back_to(Path(straight.out), 2, tmp_path / "grown")),
+                                parallel=parallel)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "havoc.cli", "train", "--resume", *_cli_args(grown)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "at step 2 (written by 1 processes, now 2)" in run.stdout
+    shrunk = dataclasses.replace(straight, out=str(_back_to(Path(grown.out), 4, tmp_path / "shrunk")))
+    trainer = Trainer(shrunk, resume=True)
+    assert trainer.step == 4
+    trainer.train()
+    expected = _losses(straight.out)
+    assert sorted(expected) == list(range(1, 7))
+    for out, steps in ((grown.out, range(3, 7)), (shrunk.out, range(5, 7))):
+        losses = _losses(out)
+        assert sorted(losses) == list(range(1, 7))
+        for step in steps:
+            assert abs(losses[step] - expected[step]) <= 1e-5 * expected[step], (out, step, losses[step], expected[step])
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(config, tmp_path):
@@ -399,15 +436,13 @@ def test_flipped_bytes_are_named_and_resume_falls_back(config, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "warning: checkpoint" in printed and "__0_0.distcp does not match" in printed
     assert trainer.step == 4 and "resumed from" in printed and "step-000004" in printed
-    (newest.parent / "step-000004" / "loader-rank0.json").write_text('{"epoch": 0, "pos')  # torn
+    (newest.parent / "step-000004" / "loader.json").write_text('{"epoch": 0, "ite')  # torn
     with pytest.raises(ValueError, match="no intact checkpoint"):
         Trainer(dataclasses.replace(config, max_steps=12), resume=True)
-    assert "loader-rank0.json has 17 bytes, the checksums say" in capsys.readouterr().out
+    assert "loader.json has 17 bytes, the checksums say" in capsys.readouterr().out
 
 
 def test_a_kill_while_rotating_leaves_no_half_checkpoint_that_looks_complete(config, monkeypatch):
-    import shutil
-
     import havoc_training.checkpoint as checkpoint_module
 
     real = shutil.rmtree
@@ -450,8 +485,6 @@ def test_seq_len_longer_than_the_model_is_checked_at_start(config, capsys):
 
 
 def test_export_when_the_tokenizer_has_moved(config, tmp_path, tokenizer_dir):
-    import shutil
-
     moved = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, moved)
     Trainer(dataclasses.replace(config, tokenizer=str(moved), max_steps=4)).train()

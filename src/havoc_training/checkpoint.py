@@ -1,5 +1,6 @@
 """Training checkpoints: model and optimizer through torch.distributed.checkpoint (sharded under FSDP2),
-plus the schedule step, each rank's RNG state and data position.
+plus the schedule step, the data position and each rank's RNG state. DCP reshards on load, and the
+data position counts items of global batches, so a checkpoint resumes with any number of processes.
 
 A checkpoint is written under `.step-NNNNNN.partial` and renamed to `step-NNNNNN` once complete.
 Its last file, checksums.json, holds the size and sha256 of every other file: it marks completion,
@@ -30,6 +31,7 @@ from havoc_training.lora import merged
 
 STATE_FILE = "trainer_state.json"
 CHECKSUMS_FILE = "checksums.json"
+LOADER_FILE = "loader.json"
 # One process without a process group is a normal way to run, not something to warn about.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -169,8 +171,8 @@ def save_checkpoint(root: Path, step: int, model, optimizers, loader, model_conf
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / f"rng-rank{rank}.pt")
-        (tmp / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
-        if rank == 0:
+        if rank == 0:  # the data position is the same on every rank
+            (tmp / LOADER_FILE).write_text(json.dumps(loader.state_dict()))
             state = {"step": step, "world_size": world_size, "model_config": model_config.to_dict(), **extra}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _barrier()
@@ -200,18 +202,18 @@ def load_checkpoint(path: Path, model, optimizers, loader, model_config: HavocCo
         now = model_config.to_dict()
         diffs = [f"{k}: checkpoint {v!r}, now {now[k]!r}" for k, v in saved.to_dict().items() if now[k] != v]
         raise ValueError(f"checkpoint {path} is of another model shape ({'; '.join(diffs)})")
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if state["world_size"] != world_size:
-        raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; resume with the same "
-                         f"number (now {world_size}) so that each rank continues its own data")
+    if not (path / LOADER_FILE).exists() and (path / "loader-rank0.json").exists():
+        raise ValueError(f"checkpoint {path} was written by an older HAVOC, whose data position depends on the number "
+                         "of processes: resume it with that version, or start a new run with init_from")
     model_state, optim_state = get_state_dict(model, optimizers)
     target = {"model": model_state, "optimizer": optim_state}
     _check_metadata(path)
     dcp.load(target, checkpoint_id=str(path))
     set_state_dict(model, optimizers, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
-    rank = _rank()
-    loader.load_state_dict(read_json(path / f"loader-rank{rank}.json", "data position"))
-    rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=True)
+    loader.load_state_dict(read_json(path / LOADER_FILE, "data position"))
+    # Each rank continues its own random stream; with more processes than wrote the checkpoint, the
+    # new ranks take those of the old ones in turn (the ranks' streams start equal: one seed).
+    rng = torch.load(path / f"rng-rank{_rank() % state['world_size']}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -250,21 +250,26 @@ def load_manifest(data_dir: str | os.PathLike, tokenizer: HavocTokenizer | None 
 
 
 class EpochBatches:
-    """Serves batches of items in a seeded order per epoch; rank r of world_size takes every
-    world_size-th item of that order, so ranks never overlap and together see what one process would.
-    `state_dict()` records the exact position. Subclasses set `num_items` and build `batch(indices)`.
+    """Serves micro-batches of items in a seeded order per epoch, in global batches: an optimizer step
+    takes the next `global_batch = batch_size x world_size x accumulation` items of the order, rank r
+    of world_size every world_size-th of them. So the items of each step depend on the seed and the
+    global batch only, not on the number of processes: a run resumed with another number continues
+    with the same global batches. `state_dict()` records the exact position, in items of the epoch.
+    Subclasses set `num_items` and build `batch(indices)`.
     """
 
-    def _setup_order(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def _setup_order(self, num_items: int, batch_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
+                     accumulation: int) -> None:
+        if batch_size < 1 or accumulation < 1:
+            raise ValueError(f"batch_size and accumulation must be >= 1, got {batch_size} and {accumulation}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_items, self.batch_size = num_items, batch_size
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.items_per_rank = num_items // world_size
-        self.batches_per_epoch = self.items_per_rank // batch_size
-        self.rewind()  # epoch, and position: the batches of this epoch already served
+        self.global_batch = batch_size * world_size * accumulation
+        self.items_per_epoch = num_items // self.global_batch * self.global_batch  # whole steps only
+        self.batches_per_epoch = self.items_per_epoch // (batch_size * world_size)  # micro-batches, each rank
+        self.rewind()  # epoch, and position: the micro-batches of this epoch already served
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def _rank_order(self) -> np.ndarray:
@@ -273,7 +278,7 @@ class EpochBatches:
                 order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
             else:
                 order = np.arange(self.num_items)
-            self._order = order[: self.items_per_rank * self.world_size][self.rank :: self.world_size]
+            self._order = order[: self.items_per_epoch][self.rank :: self.world_size]
             self._order_epoch = self.epoch
         return self._order
 
@@ -297,18 +302,23 @@ class EpochBatches:
         self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+        """The same on every rank and for any number of processes: items served, all ranks together."""
+        return {"epoch": self.epoch, "items": self.position * self.batch_size * self.world_size, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if mismatched:
             details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"loader state is for another data order ({details})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        per_pass = self.batch_size * self.world_size
+        if int(state["items"]) % per_pass:
+            raise ValueError(f"loader state stops {state['items']} items into an epoch, not a whole number of passes "
+                             f"of {self.batch_size} x {self.world_size} processes: resume at an optimizer step")
+        self.epoch, self.position = int(state["epoch"]), int(state["items"]) // per_pass
 
     def _identity(self) -> dict:
-        return {"num_items": self.num_items, "batch_size": self.batch_size, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle}
+        return {"num_items": self.num_items, "global_batch": self.global_batch, "seed": self.seed,
+                "shuffle": self.shuffle}
 
 
 class TokenLoader(EpochBatches):
@@ -331,6 +341,7 @@ class TokenLoader(EpochBatches):
         world_size: int = 1,
         shuffle: bool = True,
         tokenizer: HavocTokenizer | None = None,
+        accumulation: int = 1,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -341,12 +352,12 @@ class TokenLoader(EpochBatches):
         self.shards = [self._open(Path(data_dir), shard) for shard in self.manifest["splits"][split]["shards"]]
         windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self._first_window = np.cumsum([0, *windows])
-        self._setup_order(int(self._first_window[-1]), batch_size, seed, rank, world_size, shuffle)
+        self._setup_order(int(self._first_window[-1]), batch_size, seed, rank, world_size, shuffle, accumulation)
         if self.batches_per_epoch == 0 and split == "train":  # a small or empty validation split is allowed
             tokens = self.manifest["splits"][split]["tokens"]
             raise ValueError(
-                f"the {split} split has {tokens} tokens: too few for one batch of {batch_size} x "
-                f"{seq_len + 1} tokens on each of {world_size} ranks; use more data or smaller batches"
+                f"the {split} split has {tokens} tokens: too few for one step of {self.global_batch} x "
+                f"{seq_len + 1} tokens (global_batch_tokens / seq_len windows); use more data or smaller batches"
             )
 
     @staticmethod

@@ -38,7 +38,7 @@ class ChatLoader(EpochBatches):
 
     def __init__(self, path: str | os.PathLike, tokenizer: HavocTokenizer, seq_len: int, batch_size: int,
                  split: str = "train", val_fraction: float = 0.05, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True):
+                 world_size: int = 1, shuffle: bool = True, accumulation: int = 1):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.seq_len, self.pad_id = split, seq_len, tokenizer.pad_token_id
@@ -69,10 +69,10 @@ class ChatLoader(EpochBatches):
             (cut, f"were cut to seq_len + 1 = {seq_len + 1} tokens (raise seq_len to keep them whole)")) if count)
         if self.report:
             self.report = f"{path}: of {conversations} {split} conversations, {self.report}"
-        self._setup_order(len(self.examples), batch_size, seed, rank, world_size, shuffle)
+        self._setup_order(len(self.examples), batch_size, seed, rank, world_size, shuffle, accumulation)
         if self.batches_per_epoch == 0 and split == "train":
             raise ValueError(f"{path}: the {split} split has {len(self.examples)} usable conversations, too few for "
-                             f"one batch of {batch_size} on each of {world_size} ranks")
+                             f"one step of {self.global_batch} (global_batch_tokens / seq_len)")
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.examples[i] for i in indices]

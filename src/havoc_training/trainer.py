@@ -97,7 +97,8 @@ class Trainer:
         self._claim_out(resume, overwrite)
         self.tokenizer = HavocTokenizer.load(config.tokenizer)
         self.accumulation = config.accumulation_steps(self.world_size)
-        self.loader = self._loader("train", config.micro_batch, self.rank, self.world_size, shuffle=True)
+        self.loader = self._loader("train", config.micro_batch, self.rank, self.world_size, shuffle=True,
+                                   accumulation=self.accumulation)
         self.val_loader = self._validation_loader()
         torch.manual_seed(config.seed)
         if config.init_from:
@@ -157,9 +158,11 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _loader(self, split: str, batch_size: int, rank: int, world_size: int, shuffle: bool):
+    def _loader(self, split: str, batch_size: int, rank: int, world_size: int, shuffle: bool,
+                accumulation: int = 1):
         config = self.config
-        common = dict(split=split, seed=config.seed, rank=rank, world_size=world_size, shuffle=shuffle)
+        common = dict(split=split, seed=config.seed, rank=rank, world_size=world_size, shuffle=shuffle,
+                      accumulation=accumulation)
         if self.chat:
             loader = ChatLoader(config.data, self.tokenizer, config.seq_len, batch_size,
                                 val_fraction=config.val_fraction, **common)
@@ -191,7 +194,9 @@ class Trainer:
                 continue
             state = load_checkpoint(path, self.model, self.optimizers, self.loader, self.model_config)
             self.step = state["step"]
-            self._print(f"resumed from {path} at step {self.step}")
+            resharded = f" (written by {state['world_size']} processes, now {self.world_size})" \
+                if state["world_size"] != self.world_size else ""
+            self._print(f"resumed from {path} at step {self.step}{resharded}")
             return
         raise ValueError(f"no intact checkpoint under {self.out / 'checkpoints'} (each is damaged: see above); "
                          "start again with --overwrite or a new out")
