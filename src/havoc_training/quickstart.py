@@ -25,7 +25,8 @@ def recipe(quickstart_dir: str | Path, out: str | Path, max_steps: int, **change
         data=str(quickstart_dir / "data"), tokenizer=str(quickstart_dir / "tokenizer"), out=str(out), model="small",
         model_overrides={"d_model": 256, "num_layers": 4, "attention": {"num_heads": 4, "num_kv_heads": 2},
                          "mlp": {"hidden_dim": 688}},
-        seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=max_steps, lr=2e-3, min_lr=2e-4,
+        seq_len=256, micro_batch=8, global_batch_tokens=4096, max_steps=max_steps, optimizer="muon", lr=6e-3,
+        min_lr=6e-4,
         warmup_steps=max(1, max_steps // 20), eval_every=max(1, max_steps // 5), eval_batches=16,
         save_every=max(1, max_steps // 5), log_every=10,
     )
