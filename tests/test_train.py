@@ -175,6 +175,18 @@ def test_elastic_resume_one_to_two_to_one_process_continues_the_same_run(config,
             assert abs(losses[step] - expected[step]) <= 1e-5 * expected[step], (out, step, losses[step], expected[step])
 
 
+def test_a_checkpoint_of_the_older_per_rank_data_position_is_refused_with_what_to_do(config):
+    Trainer(dataclasses.replace(config, max_steps=4)).train()
+    newest = checkpoints(Path(config.out) / "checkpoints")[-1]
+    (newest / "loader.json").rename(newest / "loader-rank0.json")  # as an older HAVOC wrote it, checksums and all
+    sums = json.loads((newest / "checksums.json").read_text())
+    sums["loader-rank0.json"] = sums.pop("loader.json")
+    (newest / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(ValueError, match="written by an older HAVOC.*start a new run with init_from"):
+        Trainer(dataclasses.replace(config, max_steps=8), resume=True)
+    assert (newest / "loader-rank0.json").exists()  # nothing is deleted
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(config, tmp_path):
     trainer = Trainer(dataclasses.replace(config, optimizer="muon", max_steps=3))
     adamw, muon = trainer.optimizers
